@@ -1,0 +1,35 @@
+# make run / make test create the virtual environment they need from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PREFIX ?= /opt/edge-agent
+
+.PHONY: venv run test bench install uninstall clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (tomllib)"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[edge,train,test]'
+	touch $(STAMP)
+
+run: venv
+	$(VENV)/bin/edge-agent run
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/footprint.py
+
+install:
+	sudo PREFIX=$(PREFIX) PYTHON=$(PYTHON) bash systemd/install.sh install
+
+uninstall:
+	sudo PREFIX=$(PREFIX) bash systemd/install.sh uninstall
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache state

@@ -1,0 +1,149 @@
+"""``edge-agent``: the device command line.
+
+Every command takes ``--config``; configuration and argument errors print one
+line and exit 2, never a traceback, because the person reading it is usually
+editing a TOML file on a device over SSH.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Callable, Sequence
+
+from agent import __version__, config as config_mod
+from agent.config import AgentConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad argument value detected after argparse (e.g. an unparseable time)."""
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="configuration file (default: $EDGE_AGENT_CONFIG, "
+                   "then /etc/edge-agent/agent.toml, then the built-in local default)")
+
+
+def _cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent import daemon
+
+    return daemon.run(cfg)
+
+
+def _fmt_ts(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent import status
+
+    doc = status.collect(cfg, time.time())
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+        return 0
+    s = doc["samples"]
+    print(f"device      {doc['device_id']}  ({'running' if doc['running'] else 'not running'})")
+    print(f"config      {doc['config']}")
+    print(f"database    {doc['database']['path']}  {doc['database']['size_bytes'] / 1e6:.1f} MB")
+    print(f"samples     {s['count']}  oldest {_fmt_ts(s['oldest'])}  newest {_fmt_ts(s['newest'])}")
+    print(f"events      {doc['events']['count']}")
+    print(f"outbox      depth {doc['outbox']['depth']}  dropped {doc['outbox']['dropped']}")
+    print(f"mqtt        {'connected' if doc['mqtt'].get('connected') else 'disconnected'}")
+    models = ", ".join(f"{m['kind']} v{m['version']}" for m in doc["models"]) or "none"
+    print(f"models      {models}")
+    if doc["last_sample"]:
+        print("last sample")
+        for name, value in sorted(doc["last_sample"].items()):
+            print(f"  {name:32s} {value:.6g}")
+    return 0
+
+
+def _cmd_export(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent.export import export
+    from agent.store import Store
+    from agent.timeparse import parse_time_arg
+
+    now = time.time()
+    try:
+        since = parse_time_arg(args.since, now) if args.since else None
+        until = parse_time_arg(args.until, now) if args.until else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    fmt = args.format or ("jsonl" if args.out and args.out.endswith((".jsonl", ".json")) else "csv")
+    store = Store(cfg.db_path)
+    if not store.available:
+        raise UsageError(f"database {cfg.db_path} cannot be opened")
+    metrics = args.metrics.split(",") if args.metrics else None
+    out = open(args.out, "w", newline="", encoding="utf-8") if args.out and args.out != "-" else sys.stdout
+    try:
+        rows = export(store, out, fmt, since, until, metrics)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        store.close()
+    log.info("exported %d rows", rows)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[AgentConfig, argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "status": _cmd_status,
+    "export": _cmd_export,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="On-device metrics, anomaly detection and forecasting.")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the agent in the foreground")
+    _add_config(p)
+
+    p = sub.add_parser("status", help="show samples, events, outbox, connection and models")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("export", help="write a time range of samples as CSV or JSON lines")
+    _add_config(p)
+    p.add_argument("--since", help="start: ISO 8601, epoch seconds or an age such as 24h")
+    p.add_argument("--until", help="end: ISO 8601, epoch seconds or an age")
+    p.add_argument("--metrics", help="comma-separated metric names (default: all)")
+    p.add_argument("--format", choices=("csv", "jsonl"), help="default: from --out's extension, else csv")
+    p.add_argument("--out", help="output file (default: standard output)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from agent import logsetup
+
+    logsetup.setup(cfg.agent.log_level, cfg.agent.log_format)
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except UsageError as exc:
+        print(f"edge-agent {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `edge-agent export | head`: the reader left, which is fine
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

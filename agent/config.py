@@ -1,0 +1,274 @@
+"""Configuration: one TOML file plus ``EDGE_AGENT_<SECTION>_<KEY>`` overrides.
+
+Parsed once at start-up into frozen dataclasses, so the rest of the agent can
+trust every value it reads.  Every problem becomes a :class:`ConfigError` whose
+message names the key and what is allowed; the CLI prints it on one line and
+exits 2, because a traceback tells an operator nothing about their typo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import socket
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "EDGE_AGENT_"
+ENV_CONFIG = "EDGE_AGENT_CONFIG"
+SYSTEM_CONFIG = Path("/etc/edge-agent/agent.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _opt(default: Any, doc: str, **rules: Any) -> Any:
+    """A dataclass field with validation rules (min, max, choices) and a doc line."""
+    return field(default=default, metadata={"doc": doc, **rules})
+
+
+def _default_state_dir() -> str:
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return str(Path(xdg) / "edge-agent") if xdg else "state"
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    device_id: str = _opt("", "Device id; empty means the host name.")
+    state_dir: Path = _opt(Path(_default_state_dir()), "Where the database and models live.")
+    interval_s: float = _opt(1.0, "Seconds between samples.", min=0.01, max=3600.0)
+    groups: tuple[str, ...] = _opt((), "Fleet groups this device belongs to (model bundles).")
+    log_level: str = _opt("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _opt("text", "Log line format.", choices=("text", "json"))
+
+
+@dataclass(frozen=True)
+class SamplingSection:
+    mounts: tuple[str, ...] = _opt(("/",), "Mount points whose usage is sampled; the first is system.disk*.")
+    per_cpu: bool = _opt(False, "Also sample per-core CPU usage.")
+    temperature: bool = _opt(True, "Sample the SoC temperature where a sensor exists.")
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    commit_interval_s: float = _opt(5.0, "Seconds between SQLite commits (SD card wear).", min=0.0, max=600.0)
+    retention_s: float = _opt(7 * 86400.0, "Keep samples this long.", min=60.0)
+    max_db_bytes: int = _opt(256 * 1024 * 1024, "Trim oldest samples beyond this database size.", min=1024 * 1024)
+    memory_buffer_rows: int = _opt(3600, "Samples held in memory while the disk is unwritable.", min=10)
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    enabled: bool = _opt(True, "Report to an MQTT broker (the agent runs fine while it is unreachable).")
+    host: str = _opt("localhost", "Broker host name.")
+    port: int = _opt(1883, "Broker port.", min=1, max=65535)
+    username: str = _opt("", "User name; empty for none.")
+    password: str = _opt("", "Password.")
+    tls_ca: str = _opt("", "CA certificate file; set to use TLS.")
+    tls_cert: str = _opt("", "Client certificate for mutual TLS.")
+    tls_key: str = _opt("", "Client private key for mutual TLS.")
+    topic_prefix: str = _opt("devices/{device_id}", "Topic prefix template.")
+    preset: str = _opt("default", "Topic preset.", choices=("default", "origin"))
+    protocol: str = _opt("3.1.1", "MQTT protocol version.", choices=("3.1.1", "5"))
+    keepalive_s: int = _opt(60, "Keep-alive interval.", min=5, max=3600)
+    client_id: str = _opt("", "Client id; empty means the device id.")
+
+
+@dataclass(frozen=True)
+class ModelsSection:
+    trusted_keys: tuple[str, ...] = _opt((), "Paths of ed25519 public keys that may sign model bundles.")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent: AgentSection = field(default_factory=AgentSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    source: str = ""  # where the configuration came from, for status and logs
+
+    @property
+    def device_id(self) -> str:
+        return self.agent.device_id
+
+    @property
+    def db_path(self) -> Path:
+        return self.agent.state_dir / "agent.db"
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(AgentConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(AgentConfig) if f.name != "source"}
+
+
+def _unknown(kind: str, name: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown {kind} '{name}'{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _coerce(key: str, value: Any, kind: Any, from_env: bool) -> Any:
+    """Turn a TOML or environment value into the field's type, or say what is allowed."""
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env:
+            try:
+                return int(str(value).strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(str(value).strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if kind is Path:
+        if isinstance(value, str) and value:
+            return Path(value).expanduser()
+        raise ConfigError(f"{key}: expected a non-empty path, got {value!r}")
+    if origin is tuple:
+        if from_env and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {kind}")  # pragma: no cover - programming error
+
+
+def _check_rules(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{key}: must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key}: must be <= {meta['max']}, got {value!r}")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    sections = _sections()
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(f"environment {name}: " + str(_unknown("section", rest.split("_")[0], list(sections))))
+        out.setdefault(section, {})[rest[len(section) + 1:]] = value
+    return out
+
+
+def _build_section(name: str, cls: type, raw: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in list(raw) + list(env):
+        if key not in fields:
+            raise _unknown("key", f"{name}.{key}", [f"{name}.{k}" for k in fields])
+    values: dict[str, Any] = {}
+    for key, f in fields.items():
+        if key in env:
+            value = _coerce(f"{name}.{key} (from {ENV_PREFIX}{name.upper()}_{key.upper()})", env[key], hints[key], True)
+        elif key in raw:
+            value = _coerce(f"{name}.{key}", raw[key], hints[key], False)
+        else:
+            continue
+        _check_rules(f"{name}.{key}", value, f.metadata)
+        values[key] = value
+    return cls(**values)
+
+
+def parse(data: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: str = "") -> AgentConfig:
+    """Build the configuration from parsed TOML and the environment."""
+    environ = os.environ if environ is None else environ
+    sections = _sections()
+    for name, value in data.items():
+        if name not in sections:
+            raise _unknown("section", name, list(sections))
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a [{name}] table, got {value!r}")
+    env = _env_overrides(environ)
+    built = {name: _build_section(name, cls, data.get(name, {}), env.get(name, {})) for name, cls in sections.items()}
+    if not built["agent"].device_id:
+        built["agent"] = dataclasses.replace(built["agent"], device_id=socket.gethostname())
+    _check_cross_field(built)
+    return AgentConfig(**built, source=source)
+
+
+def _check_cross_field(built: dict[str, Any]) -> None:
+    device_id = built["agent"].device_id
+    if any(ch in device_id for ch in "/#+") or not device_id.isprintable():
+        raise ConfigError(f"agent.device_id: must not contain '/', '#', '+' or control characters, got {device_id!r}")
+    if "{device_id}" not in built["mqtt"].topic_prefix:
+        raise ConfigError("mqtt.topic_prefix: must contain '{device_id}'")
+    if bool(built["mqtt"].tls_cert) != bool(built["mqtt"].tls_key):
+        raise ConfigError("mqtt.tls_cert and mqtt.tls_key: set both for mutual TLS, or neither")
+    if not built["sampling"].mounts:
+        raise ConfigError("sampling.mounts: expected at least one mount point")
+
+
+def resolve_path(cli_path: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """--config, then $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml, else the built-in default."""
+    environ = os.environ if environ is None else environ
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    if SYSTEM_CONFIG.exists():
+        return SYSTEM_CONFIG
+    return None
+
+
+def load(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load the configuration the way every command does."""
+    path = resolve_path(cli_path, environ)
+    if path is None:
+        return parse({}, environ, source="built-in default")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    return parse(data, environ, source=str(path))
+
+
+def reference() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every key: feeds the README table and a consistency test."""
+    rows = []
+    for name, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kind = hints[f.name]
+            kind_name = "list of strings" if typing.get_origin(kind) is tuple else getattr(kind, "__name__", str(kind))
+            rows.append((f"{name}.{f.name}", kind_name, default, f.metadata.get("doc", "")))
+    return rows
+
+
+__all__ = ["AgentConfig", "ConfigError", "load", "parse", "reference", "resolve_path"]

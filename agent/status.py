@@ -1,0 +1,115 @@
+"""``edge-agent status``: what the database and the running agent say, without disturbing it.
+
+The database is opened read-only, so status works while the daemon runs and
+never creates a state directory by accident.  Live facts (MQTT connection,
+loop lag) come from the snapshot the daemon commits with every flush; a
+snapshot older than a few commit intervals means the agent is not running.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.store import quote_ident
+
+
+def open_readonly(path: Path) -> sqlite3.Connection | None:
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+        return conn
+    except sqlite3.Error:
+        return None
+
+
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+def _latest_values(conn: sqlite3.Connection) -> dict[str, float]:
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(samples)") if r[1] not in ("seq",)]
+    row = conn.execute(f"SELECT {', '.join(map(quote_ident, cols))} FROM samples ORDER BY seq DESC LIMIT 1").fetchone()
+    return {c: v for c, v in zip(cols, row or ()) if v is not None and c != "ts_s"}
+
+
+def runtime_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
+    import json
+
+    if not has_table(conn, "agent_state"):
+        return {}
+    row = conn.execute("SELECT value FROM agent_state WHERE key = 'runtime'").fetchone()
+    return json.loads(row[0]) if row else {}
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect(config: AgentConfig, now_s: float) -> dict[str, Any]:
+    """The status document of DESIGN.md, plus what helps an operator."""
+    path = config.db_path
+    doc: dict[str, Any] = {
+        "device_id": config.device_id,
+        "config": config.source,
+        "database": {"path": str(path), "size_bytes": _db_size(path)},
+        "samples": {"count": 0, "oldest": None, "newest": None},
+        "last_sample": {},
+        "events": {"count": 0},
+        "outbox": {"depth": 0, "dropped": 0},
+        "mqtt": {"connected": False},
+        "models": [],
+        "running": False,
+    }
+    conn = open_readonly(path)
+    if conn is None:
+        return doc
+    try:
+        if has_table(conn, "samples"):
+            count, oldest, newest = conn.execute("SELECT count(*), min(ts_s), max(ts_s) FROM samples").fetchone()
+            doc["samples"] = {"count": count, "oldest": oldest, "newest": newest}
+            doc["last_sample"] = _latest_values(conn)
+        runtime = runtime_snapshot(conn)
+        fresh_s = 3 * config.store.commit_interval_s + 5 * config.agent.interval_s + 10.0
+        running = bool(runtime) and now_s - runtime.get("updated_at", 0) <= fresh_s and _pid_alive(runtime.get("pid"))
+        doc["running"] = running
+        doc["runtime"] = runtime
+        for reader in STATUS_READERS:
+            reader(conn, doc, runtime if running else {})
+    finally:
+        conn.close()
+    return doc
+
+
+def _db_size(path: Path) -> int:
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += path.with_name(path.name + suffix).stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _events_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[str, Any]) -> None:
+    if has_table(conn, "events"):
+        doc["events"] = {"count": conn.execute("SELECT count(*) FROM events").fetchone()[0]}
+
+
+def _live_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[str, Any]) -> None:
+    if "mqtt" in runtime:
+        doc["mqtt"] = runtime["mqtt"]
+
+
+# Each reader adds its part of the document; modules owning a table add theirs here.
+STATUS_READERS = [_events_reader, _live_reader]
