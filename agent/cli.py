@@ -45,10 +45,16 @@ def _fmt_ts(ts: float | None) -> str:
 def _cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import status
 
-    doc = status.collect(cfg, time.time())
+    from agent import health
+    from agent.daemon import health_params
+
+    now = time.time()
+    doc = status.collect(cfg, now)
+    problems = health.evaluate(doc, now, health_params(cfg), interval_s=cfg.agent.interval_s)
+    doc["health"] = {"ok": not problems, "problems": [{"code": p.code, "message": p.message} for p in problems]}
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True, default=str))
-        return 0
+        return health.exit_code(problems)
     s = doc["samples"]
     print(f"device      {doc['device_id']}  ({'running' if doc['running'] else 'not running'})")
     print(f"config      {doc['config']}")
@@ -59,11 +65,14 @@ def _cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
     print(f"mqtt        {'connected' if doc['mqtt'].get('connected') else 'disconnected'}")
     models = ", ".join(f"{m['kind']} v{m['version']}" for m in doc["models"]) or "none"
     print(f"models      {models}")
+    print(f"health      {'ok' if not problems else 'UNHEALTHY'}")
+    for problem in problems:
+        print(f"  - {problem.message}")
     if doc["last_sample"]:
         print("last sample")
         for name, value in sorted(doc["last_sample"].items()):
             print(f"  {name:32s} {value:.6g}")
-    return 0
+    return health.exit_code(problems)
 
 
 def _cmd_export(cfg: AgentConfig, args: argparse.Namespace) -> int:

@@ -84,12 +84,29 @@ class ModelsSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    enabled: bool = _opt(False, "Serve Prometheus metrics over HTTP.")
+    bind: str = _opt("127.0.0.1", "Listen address; keep it local unless a firewall protects the device.")
+    port: int = _opt(9848, "Listen port.", min=1, max=65535)
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    stale_factor: float = _opt(5.0, "Samples older than this many intervals mean the agent is stalled.", min=1.0)
+    min_stale_s: float = _opt(30.0, "Never call samples stale sooner than this.", min=0.0)
+    outbox_max_depth: int = _opt(5000, "More queued messages than this is unhealthy.", min=1)
+    required_models: tuple[str, ...] = _opt((), "Model kinds that must be installed (e.g. forest).")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     store: StoreSection = field(default_factory=StoreSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     models: ModelsSection = field(default_factory=ModelsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    health: HealthSection = field(default_factory=HealthSection)
     source: str = ""  # where the configuration came from, for status and logs
 
     @property

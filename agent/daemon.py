@@ -18,6 +18,8 @@ from typing import Any, Callable, Protocol
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.health import HealthParams, loop_healthy
+from agent.notify import Notifier, Watchdog
 from agent.sampling import Clock, PsutilSource, Sample, Sampler, Source, SystemClock
 from agent.store import RateLimitedLog, Store
 
@@ -92,6 +94,9 @@ class Daemon:
         self.started_at_s = 0.0
         self._errors = RateLimitedLog(log)
         self._emitter: Callable[[str, dict[str, Any], int], None] | None = None
+        self.last_sample: Sample | None = None
+        self._snapshot_sinks: list[Callable[[dict[str, Any]], None]] = []
+        self._health_params = health_params(config)
 
     # -- wiring -------------------------------------------------------------------
     def set_emitter(self, emitter: Callable[[str, dict[str, Any], int], None]) -> None:
@@ -101,6 +106,17 @@ class Daemon:
     def emit(self, kind: str, payload: dict[str, Any], priority: int = 0) -> None:
         if self._emitter is not None:
             self._emitter(kind, payload, priority)
+
+    def add_snapshot_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """Receivers of a per-tick status snapshot (the Prometheus endpoint)."""
+        self._snapshot_sinks.append(sink)
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.runtime_status()
+        snap["device_id"] = self.config.device_id
+        if self.last_sample is not None:
+            snap["sample"] = {"ts_s": self.last_sample.ts_s, "values": dict(self.last_sample.values)}
+        return snap
 
     def set_interval(self, interval_s: float) -> None:
         self.interval_s = float(interval_s)
@@ -205,6 +221,7 @@ class Daemon:
         self._check_clock(sample, prev, mono_s)
         self.store.add_sample(sample)
         self.samples_taken += 1
+        self.last_sample = sample
         for component in self.components:
             self._call(component, "on_sample", sample)
         return sample, (sample.ts_s, mono_s)
@@ -213,17 +230,23 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
+        notifier = Notifier.from_environ()
+        watchdog = Watchdog.from_environ(notifier, clock=self.clock.monotonic)
         self._start()
         assert self.store is not None
+        notifier.ready(f"sampling every {self.interval_s:g} s")
         commit_interval_s = self.config.store.commit_interval_s
-        next_tick = self.clock.monotonic()
+        started = next_tick = self.clock.monotonic()
         last_flush = last_retention = next_tick
+        last_ok: float | None = None
         prev: tuple[float, float] | None = None
         try:
             while not self._stop.is_set():
                 now = self.clock.monotonic()
+                # The watchdog is fed only while samples keep coming: a hung loop gets restarted by systemd.
+                watchdog.beat(*loop_healthy(now, last_ok, started, self.interval_s, self._health_params), now_mono_s=now)
                 if now < next_tick:
-                    self._sleep(next_tick - now)
+                    self._sleep(min(next_tick - now, watchdog.max_sleep_s(now)))
                     continue
                 self.loop_lag_s = now - next_tick
                 if self.loop_lag_s >= self.interval_s:
@@ -234,6 +257,7 @@ class Daemon:
                 result = self.tick_once(prev)
                 if result is not None:
                     prev = result[1]
+                    last_ok = now
                 for component in self.components:
                     self._call(component, "tick", now)
                 if now - last_flush >= commit_interval_s:
@@ -245,19 +269,39 @@ class Daemon:
                         self.store.enforce_retention(self.clock.time())
                     except Exception:
                         self._errors.warning("retention", "retention pass failed")
+                if self._snapshot_sinks:
+                    snap = self.snapshot()
+                    for sink in self._snapshot_sinks:
+                        sink(snap)
                 self.last_loop_mono_s = now
                 next_tick += self.interval_s
         finally:
+            notifier.stopping("flushing")
             self._shutdown()
+            notifier.close()
         return 0
 
 
-def build_components(config: AgentConfig) -> list[Any]:
-    """The components a configuration asks for, publisher first (sinks start before sources)."""
-    return []
+def health_params(config: AgentConfig) -> HealthParams:
+    h = config.health
+    return HealthParams(stale_factor=h.stale_factor, min_stale_s=h.min_stale_s, outbox_max_depth=h.outbox_max_depth,
+                        required_models=h.required_models, default_interval_s=config.agent.interval_s)
+
+
+def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
+    """The components a configuration asks for, sinks first (they start before sources)."""
+    components: list[Any] = []
+    if config.metrics.enabled:
+        from agent.prometheus import MetricsParams, MetricsServer
+
+        server = MetricsServer(MetricsParams(enabled=True, bind=config.metrics.bind, port=config.metrics.port),
+                               clock=daemon.clock.monotonic)
+        daemon.add_snapshot_sink(server.publish)
+        components.append(server)
+    return components
 
 
 def run(config: AgentConfig) -> int:
-    daemon = Daemon(config, components=build_components(config))
+    daemon = Daemon(config)
+    daemon.components = build_components(config, daemon)
     return daemon.run()
-

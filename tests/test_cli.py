@@ -24,8 +24,9 @@ def _populate(tmp_path, samples=20):
 
 def test_status_json_has_the_contract_keys(tmp_path, capsys):
     cfg_file = _populate(tmp_path)
-    assert cli.main(["status", "--json", "--config", str(cfg_file)]) == 0
+    assert cli.main(["status", "--json", "--config", str(cfg_file)]) == 1  # stopped agent: unhealthy
     doc = json.loads(capsys.readouterr().out)
+    assert {p["code"] for p in doc["health"]["problems"]} >= {"not_running", "stale_samples"}
     assert doc["device_id"] == "cli-1"
     assert doc["samples"] == {"count": 20, "oldest": 1_700_000_000.0, "newest": 1_700_000_019.0}
     assert doc["events"]["count"] == 0
@@ -38,9 +39,9 @@ def test_status_json_has_the_contract_keys(tmp_path, capsys):
 def test_status_text_on_an_empty_state_dir(tmp_path, capsys):
     cfg_file = tmp_path / "agent.toml"
     cfg_file.write_text(f'[agent]\nstate_dir = "{tmp_path / "none"}"\n')
-    assert cli.main(["status", "--config", str(cfg_file)]) == 0
+    assert cli.main(["status", "--config", str(cfg_file)]) == 1
     out = capsys.readouterr().out
-    assert "samples     0" in out
+    assert "samples     0" in out and "UNHEALTHY" in out
     assert not (tmp_path / "none").exists()  # status never creates state
 
 
@@ -76,3 +77,28 @@ def test_export_feeds_back_into_csv_readers(tmp_path):
     assert export(store, buf, "csv") == 3
     header = buf.getvalue().splitlines()[0].split(",")
     assert header[0] == "timestamp" and "system.memoryUsed" in header
+
+
+def test_status_of_a_running_agent_is_healthy(tmp_path):
+    import time
+
+    cfg_file = tmp_path / "agent.toml"
+    cfg_file.write_text(f'[agent]\ndevice_id = "live"\nstate_dir = "{tmp_path / "state"}"\ninterval_s = 0.2\n'
+                        '[store]\ncommit_interval_s = 0.5\n[mqtt]\nenabled = false\n')
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_file)], cwd=REPO,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            st = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--json", "--config", str(cfg_file)],
+                                capture_output=True, text=True, cwd=REPO, timeout=60)
+            if st.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        doc = json.loads(st.stdout)
+        assert st.returncode == 0, doc["health"]
+        assert doc["running"] is True and doc["health"] == {"ok": True, "problems": []}
+        assert doc["runtime"]["samples_taken"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
