@@ -102,10 +102,42 @@ def _cmd_export(cfg: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent import training
+
+    try:
+        if args.kind == "forest":
+            result = training.train_forest(cfg)
+        else:
+            result = training.train_forecaster(cfg)
+    except training.TrainingError as exc:
+        print(f"edge-agent train: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent import replay
+
+    params = replay.ReplayParams(train_rows=args.train_rows) if args.train_rows else replay.ReplayParams()
+    value_cols = args.value_cols.split(",") if args.value_cols else None
+    try:
+        summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
+                                model_dir=args.model, params=params)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps({"rows": summary.rows, "train_rows": summary.train_rows, "detector": summary.detector,
+                      "episodes": summary.episodes, "model_version": summary.model_version, "out": args.out}))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[AgentConfig, argparse.Namespace], int]] = {
     "run": _cmd_run,
     "status": _cmd_status,
     "export": _cmd_export,
+    "train": _cmd_train,
+    "replay": _cmd_replay,
 }
 
 
@@ -128,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="comma-separated metric names (default: all)")
     p.add_argument("--format", choices=("csv", "jsonl"), help="default: from --out's extension, else csv")
     p.add_argument("--out", help="output file (default: standard output)")
+
+    p = sub.add_parser("train", help="train a model on this device's history and install it")
+    _add_config(p)
+    p.add_argument("--kind", choices=("forest", "forecast"), default="forest",
+                   help="forest: Isolation Forest (scikit-learn); forecast: LSTM (TensorFlow)")
+    p.add_argument("--forecast", dest="kind", action="store_const", const="forecast", help="same as --kind forecast")
+
+    p = sub.add_parser("replay", help="run the detection pipeline over a CSV as fast as it can")
+    _add_config(p)
+    p.add_argument("input", help="CSV with a timestamp column (ISO 8601 or epoch s) and numeric columns")
+    p.add_argument("--out", required=True, help="output .csv (timestamp, score, anomaly_score, severity, episode_id) "
+                   "or .jsonl")
+    p.add_argument("--timestamp-col", default="timestamp")
+    p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
+    p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
+    p.add_argument("--train-rows", type=int, help="rows used as the training window (default: 15%%, at most 750)")
     return parser
 
 

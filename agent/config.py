@@ -76,6 +76,32 @@ class MqttSection:
     protocol: str = _opt("3.1.1", "MQTT protocol version.", choices=("3.1.1", "5"))
     keepalive_s: int = _opt(60, "Keep-alive interval.", min=5, max=3600)
     client_id: str = _opt("", "Client id; empty means the device id.")
+    tls_insecure: bool = _opt(False, "Skip the broker host-name check (the CA is still checked).")
+    session_expiry_s: int = _opt(604800, "MQTT 5: how long the broker keeps the session.", min=0)
+    reconnect_min_s: float = _opt(1.0, "Reconnect backoff lower bound (exponential, with jitter).", min=0.1)
+    reconnect_max_s: float = _opt(120.0, "Reconnect backoff upper bound.", min=0.1)
+    connect_timeout_s: float = _opt(10.0, "TCP/TLS connect timeout.", min=0.5)
+    max_inflight: int = _opt(20, "Unacknowledged messages at once.", min=1, max=65535)
+    ack_timeout_s: float = _opt(60.0, "Re-send a message with no PUBACK after this long while connected.", min=1.0)
+    drain_budget_s: float = _opt(0.2, "Most time per tick spent draining a backlog.", min=0.0, max=5.0)
+    subscribe_models: bool = _opt(True, "Subscribe to the model bundle topics.")
+    max_inbound_queue: int = _opt(1000, "Inbound messages beyond this are dropped and counted.", min=1)
+    shutdown_timeout_s: float = _opt(2.0, "Wait this long for the 'offline' PUBACK on stop.", min=0.0, max=30.0)
+
+
+@dataclass(frozen=True)
+class OutboxSection:
+    max_rows: int = _opt(10000, "Messages kept while the broker is away; telemetry is dropped first.", min=10)
+    max_bytes: int = _opt(16 * 1024 * 1024, "Bytes kept in the outbox.", min=64 * 1024)
+    max_message_bytes: int = _opt(256 * 1024, "A larger message is refused and counted.", min=1024)
+
+
+@dataclass(frozen=True)
+class CommandsSection:
+    max_payload_bytes: int = _opt(8192, "A larger command request gets an error reply.", min=64)
+    min_interval_s: float = _opt(0.5, "Smallest interval set-interval accepts.", min=0.01)
+    max_interval_s: float = _opt(3600.0, "Largest interval set-interval accepts.", min=0.01)
+    remember_ids: int = _opt(64, "Replies kept to answer a redelivered request without re-running it.", min=0)
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,8 @@ class AgentConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
     store: StoreSection = field(default_factory=StoreSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    commands: CommandsSection = field(default_factory=CommandsSection)
     models: ModelsSection = field(default_factory=ModelsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     health: HealthSection = field(default_factory=HealthSection)
@@ -240,6 +268,10 @@ def _check_cross_field(built: dict[str, Any]) -> None:
         raise ConfigError("mqtt.topic_prefix: must contain '{device_id}'")
     if bool(built["mqtt"].tls_cert) != bool(built["mqtt"].tls_key):
         raise ConfigError("mqtt.tls_cert and mqtt.tls_key: set both for mutual TLS, or neither")
+    if built["mqtt"].reconnect_min_s > built["mqtt"].reconnect_max_s:
+        raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
+    if built["commands"].min_interval_s > built["commands"].max_interval_s:
+        raise ConfigError("commands.min_interval_s: must not exceed commands.max_interval_s")
     if not built["sampling"].mounts:
         raise ConfigError("sampling.mounts: expected at least one mount point")
 
@@ -289,3 +321,25 @@ def reference() -> list[tuple[str, str, Any, str]]:
 
 
 __all__ = ["AgentConfig", "ConfigError", "load", "parse", "reference", "resolve_path"]
+
+
+def reference_markdown() -> str:
+    """The README's configuration tables, generated so the two can never disagree."""
+    out: list[str] = []
+    section = None
+    for key, kind, default, doc in reference():
+        name = key.split(".", 1)[0]
+        if name != section:
+            section = name
+            out += ["", f"**[{name}]**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        shown = list(default) if isinstance(default, tuple) else default
+        shown = f'"{shown}"' if isinstance(shown, (str, Path)) else shown
+        shown = str(shown).lower() if isinstance(default, bool) else shown
+        out.append(f"| `{key}` | {kind} | `{shown}` | {doc} |")
+    return "\n".join(out[1:]) + "\n"
+
+
+if __name__ == "__main__":  # python -m agent.config > the README's reference tables
+    import sys
+
+    sys.stdout.write(reference_markdown())

@@ -290,7 +290,17 @@ def health_params(config: AgentConfig) -> HealthParams:
 
 def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
     """The components a configuration asks for, sinks first (they start before sources)."""
+    from agent.detection import DetectionComponent
+    from agent.reporter import Reporter
+
+    reporter = Reporter()
     components: list[Any] = []
+    if config.mqtt.enabled:
+        from agent.transport import MqttReporter, params_from_sections
+
+        mqtt, outbox, commands = params_from_sections(config.mqtt, config.outbox, config.commands)
+        components.append(MqttReporter(mqtt, outbox, device_id=config.device_id, groups=config.agent.groups,
+                                       command_params=commands, report_now=reporter.report_now))
     if config.metrics.enabled:
         from agent.prometheus import MetricsParams, MetricsServer
 
@@ -298,6 +308,9 @@ def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
                                clock=daemon.clock.monotonic)
         daemon.add_snapshot_sink(server.publish)
         components.append(server)
+    config_path = config.source if config.source and config.source != "built-in default" else None
+    components.append(DetectionComponent(config_path=config_path))
+    components.append(reporter)
     return components
 
 

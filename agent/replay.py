@@ -1,0 +1,199 @@
+"""`edge-agent replay`: run the device's detection pipeline over a CSV, as fast as it can.
+
+INPUT: a ``timestamp`` column (ISO 8601, naive = UTC, or epoch seconds) and one or
+more numeric columns (metric names, or ``value``). OUT: one row per input row, in
+order: ``timestamp, score, anomaly_score, severity, episode_id`` (CSV, or JSON
+lines when the output name ends with .jsonl). ``timestamp`` is copied verbatim.
+
+Training mirrors the device: the first ``train_rows`` samples are the training
+window (z-score only while they stream in), then an Isolation Forest is trained
+on them (in-process; scikit-learn is imported lazily because replay is a tool
+command, never the daemon) and scores the rest. Without scikit-learn, with
+fewer rows than the forest's minimum, or with a single value column (the forest
+would only repeat the value's z-score, see ``forest_min_metrics``), replay stays
+z-score only and logs why.
+With ``model_dir`` (a forest model directory) that model is used from row one.
+An ``episode_id`` is written on every row from an episode's start to its end.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import tempfile
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from models.detect import DetectParams, Detector, RowResult
+from models.features import derived_names
+from models.forest import ForestModel, load_forest_model
+
+log = logging.getLogger(__name__)
+
+OUT_COLUMNS = ("timestamp", "score", "anomaly_score", "severity", "episode_id")
+
+
+@dataclass(frozen=True)
+class ReplayParams:
+    detect: DetectParams = field(default_factory=DetectParams)
+    train_fraction: float = 0.15      # training window = min(fraction * rows, train_rows_max) ...
+    train_rows_max: int = 750
+    train_rows: int | None = None     # ... unless given explicitly
+    forest: bool = True               # train a forest after the training window ...
+    forest_min_metrics: int = 2       # ... when there are at least this many value columns
+    forest_window: int = 0            # >0: forest also sees rolling mean/std/diff over this many rows
+    forest_version: int = 1
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    rows: int
+    value_cols: tuple[str, ...]
+    train_rows: int
+    detector: str
+    episodes: int
+    model_version: int | None
+
+
+def parse_timestamp(text: str) -> float:
+    """Epoch seconds from ISO 8601 (naive = UTC) or a number of epoch seconds."""
+    s = text.strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    if s.endswith("Z"):
+        s = s[:-1] + "+00:00"
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def read_csv(path: str | Path, timestamp_col: str = "timestamp",
+             value_cols: Sequence[str] | None = None) -> tuple[list[str], list[float], list[dict], tuple[str, ...]]:
+    """(raw timestamps, ts_s, value dicts, value columns); unparsable cells are missing values."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or timestamp_col not in reader.fieldnames:
+            raise ValueError(f"{path}: no {timestamp_col!r} column")
+        cols = tuple(value_cols) if value_cols else tuple(c for c in reader.fieldnames if c != timestamp_col)
+        missing = [c for c in cols if c not in reader.fieldnames]
+        if missing or not cols:
+            raise ValueError(f"{path}: value columns missing: {missing or 'none given'}")
+        raw_ts, ts, rows = [], [], []
+        for line in reader:
+            raw = line[timestamp_col]
+            raw_ts.append(raw)
+            ts.append(parse_timestamp(raw))
+            vals = {}
+            for c in cols:
+                try:
+                    v = float(line[c])
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(v):
+                    vals[c] = v
+            rows.append(vals)
+    return raw_ts, ts, rows, cols
+
+
+def _train_forest(rows: list[dict], names: Sequence[str], version: int) -> ForestModel | None:
+    try:
+        from models.training.forest import ForestParams, NotEnoughSamples, train_forest_from_rows
+    except ImportError as e:  # scikit-learn absent on this machine
+        log.info("replay: no forest (%s); z-score only", e)
+        return None
+    with tempfile.TemporaryDirectory(prefix="replay-forest-") as tmp:
+        out = Path(tmp) / "model"
+        try:
+            train_forest_from_rows(rows, names, ForestParams(), out, version)
+        except NotEnoughSamples as e:
+            log.info("replay: no forest (%s); z-score only", e)
+            return None
+        return load_forest_model(out)
+
+
+def replay_rows(ts: Sequence[float], rows: Sequence[dict], value_cols: Sequence[str],
+                params: ReplayParams = ReplayParams(), model: ForestModel | None = None
+                ) -> tuple[list[RowResult], list[dict], ReplaySummary]:
+    """Pure-ish core: results per row (episode ids filled over whole episodes) and close events."""
+    n = len(rows)
+    # rows of a value column keep their names; rate-like names are log1p-transformed as on the device
+    dparams = replace(params.detect, features=tuple(value_cols))
+    det = Detector(dparams, forest=model)
+    if params.train_rows is not None:
+        train_n = min(params.train_rows, n)
+    else:
+        train_n = min(int(params.train_fraction * n), params.train_rows_max)
+    want_forest = model is None and params.forest and dparams.use_forest
+    if want_forest and len(value_cols) < params.forest_min_metrics:
+        # one metric: the forest is a 1-D density test the value's z-score already does, and its
+        # saturating score (any value beyond the training range isolates alike) only adds ties
+        log.info("replay: no forest for %d value column(s) (< %d); z-score only",
+                 len(value_cols), params.forest_min_metrics)
+        want_forest = False
+    results: list[RowResult] = []
+    closed: list[dict] = []
+    for i in range(n):
+        if want_forest and i == train_n:
+            names = derived_names(value_cols, params.forest_window) if params.forest_window > 0 else tuple(value_cols)
+            forest = _train_forest(list(rows[:train_n]), names, params.forest_version)
+            if forest is not None:
+                det.set_forest(forest)
+            want_forest = False
+        r, events = det.update(ts[i], rows[i])
+        results.append(r)
+        closed.extend(e for e in events if e["action"] == "close")
+    closed.extend(det.flush())
+    # an episode covers [start_ts_s, end_ts_s]: label every row inside, including its opening run
+    ids: list[str | None] = [None] * n
+    ordered = all(ts[i] <= ts[i + 1] for i in range(n - 1))
+    for ep in closed:
+        if ordered:
+            lo, hi = bisect_left(ts, ep["start_ts_s"]), bisect_right(ts, ep["end_ts_s"])
+            span = range(lo, hi)
+        else:
+            span = [i for i in range(n) if ep["start_ts_s"] <= ts[i] <= ep["end_ts_s"]]
+        for i in span:
+            ids[i] = ep["id"]
+    labelled = [r if r.episode_id == ids[i] else replace(r, episode_id=ids[i]) for i, r in enumerate(results)]
+    summary = ReplaySummary(rows=n, value_cols=tuple(value_cols), train_rows=train_n,
+                            detector=det.detector_name, episodes=len(closed), model_version=det.model_version)
+    return labelled, closed, summary
+
+
+def _fmt(v: float) -> str:
+    return repr(round(float(v), 9))
+
+
+def replay(input_csv: str | Path, out_csv: str | Path, timestamp_col: str = "timestamp",
+           value_cols: Sequence[str] | None = None, model_dir: str | Path | None = None,
+           params: ReplayParams = ReplayParams()) -> ReplaySummary:
+    raw_ts, ts, rows, cols = read_csv(input_csv, timestamp_col, value_cols)
+    model = load_forest_model(model_dir) if model_dir is not None else None
+    if model is not None:
+        unknown = [f for f in model.feature_names if f.split("|", 1)[0] not in cols]
+        if unknown:
+            raise ValueError(f"model needs columns absent from {input_csv}: {unknown}")
+    results, _, summary = replay_rows(ts, rows, cols, params, model)
+    out = Path(out_csv)
+    if out.suffix == ".jsonl":
+        with open(out, "w", encoding="utf-8") as f:
+            for raw, r in zip(raw_ts, results):
+                f.write(json.dumps({"timestamp": raw, "score": r.score, "anomaly_score": r.anomaly_score,
+                                    "severity": r.severity, "episode_id": r.episode_id or ""}) + "\n")
+    else:
+        with open(out, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(OUT_COLUMNS)
+            for raw, r in zip(raw_ts, results):
+                w.writerow([raw, _fmt(r.score), _fmt(r.anomaly_score), r.severity, r.episode_id or ""])
+    log.info("replay: %d rows, %d training rows, detector %s, %d episodes -> %s",
+             summary.rows, summary.train_rows, summary.detector, summary.episodes, out)
+    return summary
+

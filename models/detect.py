@@ -1,0 +1,132 @@
+"""Streaming detection pipeline: features -> z-score (+ forest) -> severity -> episodes.
+
+The daemon calls ``detector.update(ts_s, values)`` once per sample and gets back
+``(RowResult, events)``; events are the episode dicts of models.episodes. The
+z-score runs from the first sample; a forest is plugged in (or swapped) with
+``set_forest(model)`` when one has been trained or received. The forest has its
+own FeatureBuilder on the model's saved feature names, so a model never sees
+columns in another order than it was trained on.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from models.episodes import EpisodeParams, EpisodeTracker
+from models.features import DEFAULT_FEATURES, FeatureBuilder, derived_names
+from models.forest import ForestModel
+from models.severity import (CalibratorParams, SeverityParams, SurpriseCalibrator, combine, explain, forest_z, gate,
+                             severity_rank)
+from models.zscore import RollingZScore, ZScoreParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Defaults are the ones evaluated on NAB (bench/nab.py) and used by replay."""
+
+    features: tuple[str, ...] = DEFAULT_FEATURES   # base metrics (absent ones are ignored)
+    window_stats: bool = True        # also z-score each metric's first difference and short rolling mean
+    stats_window: int = 10           # rows in that rolling mean
+    zscore: ZScoreParams = field(default_factory=lambda: ZScoreParams(window=3000, warmup=30, refresh_every=10))
+    severity: SeverityParams = field(default_factory=SeverityParams)
+    calibrator: CalibratorParams = field(default_factory=CalibratorParams)
+    episodes: EpisodeParams = field(default_factory=EpisodeParams)
+    use_forest: bool = True
+
+    @property
+    def z_features(self) -> tuple[str, ...]:
+        if not self.window_stats:
+            return tuple(self.features)
+        return derived_names(self.features, self.stats_window, stats=("diff1", "mean"))
+
+
+@dataclass(frozen=True)
+class RowResult:
+    ts_s: float
+    score: float                 # raw, z units (max of z-score and forest-on-z-scale)
+    anomaly_score: float         # [0, 1), grows with abnormality
+    severity: str
+    z_max: float
+    forest_score: float | None   # -score_samples, None without forest or incomplete row
+    episode_id: str | None
+    explanation: list = field(default_factory=list)
+
+
+class Detector:
+    def __init__(self, params: DetectParams = DetectParams(), forest: ForestModel | None = None):
+        self.params = params
+        self.z_names = params.z_features
+        self.features = FeatureBuilder(self.z_names)
+        self.zscore = RollingZScore(len(self.z_names), params.zscore)
+        # one calibrator column per z feature, plus one for the forest (0 until a forest exists)
+        self.calibrator = SurpriseCalibrator(len(self.z_names) + 1, params.calibrator)
+        self._cols = np.zeros(len(self.z_names) + 1)
+        self.episodes = EpisodeTracker(params.episodes)
+        self.forest: ForestModel | None = None
+        self._forest_features: FeatureBuilder | None = None
+        self.n_samples = 0
+        if forest is not None:
+            self.set_forest(forest)
+
+    @property
+    def detector_name(self) -> str:
+        return "zscore+forest" if self.forest is not None else "zscore"
+
+    @property
+    def model_version(self) -> int | None:
+        return self.forest.version if self.forest is not None else None
+
+    def set_forest(self, model: ForestModel | None) -> None:
+        """Plug in (or remove with None) a forest; takes effect from the next sample."""
+        if model is not None and not self.params.use_forest:
+            log.info("forest v%d ignored: use_forest is off", model.version)
+            model = None
+        self.forest = model
+        self._forest_features = FeatureBuilder(model.feature_names) if model is not None else None
+        if model is not None:
+            log.info("forest v%d active on %d features", model.version, len(model.feature_names))
+
+    def update(self, ts_s: float, values: Mapping[str, float]) -> tuple[RowResult, list[dict]]:
+        p = self.params
+        x = self.features.update(values)
+        z = self.zscore.update(x)
+        center, scale = self.zscore.center, self.zscore.scale   # the baseline z was computed on
+        abs_z = np.abs(z)
+        z_max = float(abs_z.max()) if len(abs_z) else 0.0
+        anomaly = None
+        if self._forest_features is not None:
+            fx = self._forest_features.update(values)
+            if not np.isnan(fx).any():
+                anomaly = self.forest.forest.score_one(fx)
+        thresholds = self.forest.thresholds if self.forest is not None else None
+        score, sev = combine(z_max, anomaly, thresholds, p.severity)
+        cols = self._cols
+        cols[:-1] = abs_z
+        cols[-1] = forest_z(anomaly, thresholds, p.severity) if anomaly is not None else 0.0
+        anomaly_score = self.calibrator.update(cols)
+        sev = gate(sev, anomaly_score, p.severity)
+        expl: list = []
+        involved: Sequence[str] = ()
+        if severity_rank(sev) >= 1:
+            expl = explain(self.z_names, x, z, center, scale, p.severity)
+            involved = [e["feature"] for e in expl if abs(e["z"]) >= p.severity.z_warning] or \
+                [e["feature"] for e in expl[:1]]
+        events = self.episodes.update(ts_s, sev, score, involved, expl, self.detector_name, self.model_version)
+        self.n_samples += 1
+        row = RowResult(ts_s=ts_s, score=score, anomaly_score=anomaly_score, severity=sev, z_max=z_max,
+                        forest_score=anomaly, episode_id=self.episodes.current_id, explanation=expl)
+        return row, events
+
+    def flush(self) -> list[dict]:
+        return self.episodes.flush()
+
+    def status(self) -> dict:
+        return {"detector": self.detector_name, "model_version": self.model_version,
+                "samples": self.n_samples, "zscore_ready": self.zscore.ready,
+                "episode_open": self.episodes.current_id}
+

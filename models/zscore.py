@@ -1,0 +1,140 @@
+"""Robust rolling z-score per feature: the detector that runs from the first samples.
+
+Choice: rolling median / MAD over the last ``window`` samples rather than an EWMA.
+Why: an EWMA mean and variance are dragged by the very outliers we want to flag
+(a spike inflates the variance for a long time and hides the next spike), and
+device metrics are skewed and spiky. Median/MAD has a 50 % breakdown point, so
+up to half the window can be anomalous before the baseline moves. The cost is a
+partial sort of the (window x features) buffer; ``refresh_every`` recomputes the
+baseline every k samples (default 1) to make that cost as small as needed; the
+result is still deterministic and the batch function reproduces it exactly.
+
+A sample is scored against the baseline of the samples BEFORE it (it cannot
+mask itself), then joins the window. No z is produced (all zeros, ``ready``
+False) until ``warmup`` samples were seen. Scale: 1.4826*MAD (consistent with a
+normal sigma); when MAD is 0 (more than half the window equal, e.g. idle swap)
+the mean absolute deviation from the median (x1.2533) is used, and when that is
+0 too a floor ``min_scale_abs + min_scale_rel*|median|`` so that a constant
+series that moves is flagged with a large but finite z.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAD_TO_SIGMA = 1.4826
+MEANAD_TO_SIGMA = 1.2533
+
+
+@dataclass(frozen=True)
+class ZScoreParams:
+    window: int = 300           # samples in the rolling baseline
+    warmup: int = 30            # samples before any z is reported
+    refresh_every: int = 1      # recompute median/MAD every k samples
+    min_scale_abs: float = 1e-6
+    min_scale_rel: float = 1e-3
+    clip: float = 1e3           # |z| is clipped to this (keeps sums finite)
+
+    def __post_init__(self) -> None:
+        if self.window < 2 or self.warmup < 1 or self.refresh_every < 1:
+            raise ValueError("window >= 2, warmup >= 1, refresh_every >= 1 required")
+
+
+def robust_center_scale(buf: np.ndarray, params: ZScoreParams) -> tuple[np.ndarray, np.ndarray]:
+    """Median and sigma-consistent scale per column of ``buf`` (rows = samples)."""
+    if np.isnan(buf).any():
+        med = np.nanmedian(buf, axis=0)
+        dev = np.abs(buf - med)
+        mad = np.nanmedian(dev, axis=0)
+        meanad = np.nanmean(dev, axis=0)
+    else:
+        med = np.median(buf, axis=0)
+        dev = np.abs(buf - med)
+        mad = np.median(dev, axis=0)
+        meanad = np.mean(dev, axis=0)
+    scale = MAD_TO_SIGMA * mad
+    alt = MEANAD_TO_SIGMA * meanad
+    scale = np.where(scale > 0, scale, alt)
+    floor = params.min_scale_abs + params.min_scale_rel * np.abs(med)
+    scale = np.where(np.isfinite(scale) & (scale > floor), scale, floor)
+    return med, scale
+
+
+class RollingZScore:
+    """Streaming robust z; ``update(x)`` costs one median over the buffer at most."""
+
+    def __init__(self, n_features: int, params: ZScoreParams = ZScoreParams()):
+        self.params = params
+        self.n_features = n_features
+        self._buf = np.full((params.window, n_features), np.nan)
+        self._pos = 0
+        self._count = 0
+        self._since_refresh = params.refresh_every  # force a refresh on first use
+        self.center = np.full(n_features, np.nan)
+        self.scale = np.full(n_features, np.nan)
+
+    @property
+    def ready(self) -> bool:
+        return self._count >= self.params.warmup
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def _refresh(self) -> None:
+        n = min(self._count, self.params.window)
+        self.center, self.scale = robust_center_scale(self._buf[:n] if n < self.params.window else self._buf,
+                                                      self.params)
+        self._since_refresh = 0
+
+    def update(self, x: np.ndarray) -> np.ndarray:
+        """z of ``x`` against the window before it; zeros during warm-up."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.ready:
+            if self._since_refresh >= self.params.refresh_every:
+                self._refresh()
+            with np.errstate(invalid="ignore"):
+                z = (x - self.center) / self.scale
+            z = np.nan_to_num(z, nan=0.0, posinf=self.params.clip, neginf=-self.params.clip)
+            np.clip(z, -self.params.clip, self.params.clip, out=z)
+        else:
+            z = np.zeros(self.n_features)
+        # learn: buffer rows keep the sample order; a fully NaN row is not learnt
+        if not np.isnan(x).all():
+            self._buf[self._pos] = x
+            self._pos = (self._pos + 1) % self.params.window
+            self._count += 1
+            self._since_refresh += 1
+        return z
+
+    def state(self) -> dict:
+        return {"count": self._count, "ready": self.ready,
+                "center": self.center.tolist(), "scale": self.scale.tolist()}
+
+
+def rolling_zscores(X: np.ndarray, params: ZScoreParams = ZScoreParams()) -> np.ndarray:
+    """Batch equivalent of feeding ``RollingZScore`` row by row (used by tests and replays)."""
+    X = np.asarray(X, dtype=np.float64)
+    n, f = X.shape
+    out = np.zeros((n, f))
+    learnt: list[int] = []          # row indices that were learnt, in order
+    center = scale = None
+    since = params.refresh_every
+    for i in range(n):
+        if len(learnt) >= params.warmup:
+            if since >= params.refresh_every:
+                rows = learnt[-params.window:]
+                center, scale = robust_center_scale(X[rows], params)
+                since = 0
+            with np.errstate(invalid="ignore"):
+                z = (X[i] - center) / scale
+            z = np.nan_to_num(z, nan=0.0, posinf=params.clip, neginf=-params.clip)
+            out[i] = np.clip(z, -params.clip, params.clip)
+        if not np.isnan(X[i]).all():
+            learnt.append(i)
+            since += 1
+    return out
