@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
-from agent import __version__, config as config_mod
+from agent import __version__, cli_models, config as config_mod
 from agent.config import AgentConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ COMMANDS: dict[str, Callable[[AgentConfig, argparse.Namespace], int]] = {
     "export": _cmd_export,
     "train": _cmd_train,
     "replay": _cmd_replay,
+    "models": lambda cfg, args: cli_models.run(cfg, args),
 }
 
 
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
     p.add_argument("--train-rows", type=int, help="rows used as the training window (default: 15%%, at most 750)")
+
+    cli_models.add_parser(sub)
     return parser
 
 
@@ -189,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from agent import logsetup
 
-    logsetup.setup(cfg.agent.log_level, cfg.agent.log_format)
+    # One-shot commands print their own result and errors; the daemon's log level is for `run`.
+    level = cfg.agent.log_level if args.command == "run" or cfg.agent.log_level == "DEBUG" else "ERROR"
+    logsetup.setup(level, cfg.agent.log_format)
     try:
         return COMMANDS[args.command](cfg, args)
     except UsageError as exc:

@@ -107,6 +107,12 @@ class CommandsSection:
 @dataclass(frozen=True)
 class ModelsSection:
     trusted_keys: tuple[str, ...] = _opt((), "Paths of ed25519 public keys that may sign model bundles.")
+    max_bundle_bytes: int = _opt(16 * 1024 * 1024, "A larger bundle is refused before it is parsed.", min=1024)
+    health_samples: int = _opt(300, "Samples a new model runs on trial before it is confirmed.", min=1)
+    health_anomaly_rate_factor: float = _opt(3.0, "Roll back above this many times the previous model's anomaly rate.", min=1.0)
+    health_anomaly_rate_floor: float = _opt(0.05, "The allowed anomaly rate is never below this.", min=0.0, max=1.0)
+    health_inference_budget_s: float = _opt(0.1, "Roll back when the median inference time is slower.", min=0.0001)
+    poll_interval_s: float = _opt(2.0, "How often the daemon looks for model changes made by the CLI.", min=0.1)
 
 
 @dataclass(frozen=True)

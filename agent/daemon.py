@@ -291,16 +291,24 @@ def health_params(config: AgentConfig) -> HealthParams:
 def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
     """The components a configuration asks for, sinks first (they start before sources)."""
     from agent.detection import DetectionComponent
+    from agent.model_manager import ManagerParams, ModelManager
     from agent.reporter import Reporter
 
-    reporter = Reporter()
+    m = config.models
+    manager = ModelManager(ManagerParams(
+        trusted_keys=m.trusted_keys, max_bundle_bytes=m.max_bundle_bytes, health_samples=m.health_samples,
+        health_anomaly_rate_factor=m.health_anomaly_rate_factor, health_anomaly_rate_floor=m.health_anomaly_rate_floor,
+        health_inference_budget_s=m.health_inference_budget_s, poll_interval_s=m.poll_interval_s))
+    reporter = Reporter(models=manager.models)
+    manager.on_change(reporter.report_now)  # the twin shows a model change at once
     components: list[Any] = []
     if config.mqtt.enabled:
         from agent.transport import MqttReporter, params_from_sections
 
         mqtt, outbox, commands = params_from_sections(config.mqtt, config.outbox, config.commands)
         components.append(MqttReporter(mqtt, outbox, device_id=config.device_id, groups=config.agent.groups,
-                                       command_params=commands, report_now=reporter.report_now))
+                                       command_params=commands, report_now=reporter.report_now,
+                                       model_handler=manager.handle_bundle))
     if config.metrics.enabled:
         from agent.prometheus import MetricsParams, MetricsServer
 
@@ -308,6 +316,7 @@ def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
                                clock=daemon.clock.monotonic)
         daemon.add_snapshot_sink(server.publish)
         components.append(server)
+    components.append(manager)  # after the publisher (its events need the emitter), before its consumers
     config_path = config.source if config.source and config.source != "built-in default" else None
     components.append(DetectionComponent(config_path=config_path))
     components.append(reporter)

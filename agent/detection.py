@@ -121,8 +121,11 @@ class DetectionComponent:
         self.inference_s_sum += elapsed_s
         self.inference_count += 1
         self.last_severity = row.severity
-        if self._models is not None and self.detector.forest is not None:
-            self._models.observe("forest", math.isfinite(row.score), row.severity != "normal", elapsed_s)
+        forest = self.detector.forest
+        if self._models is not None and forest is not None and row.forest_score is not None:
+            # Judge the forest on its own verdicts: a z-score episode already open must not fail a new model.
+            self._models.observe("forest", math.isfinite(row.forest_score),
+                                 row.forest_score >= forest.thresholds["warning"], elapsed_s)
         for event in events:
             self._publish(event, sample.ts_s)
 
@@ -143,7 +146,9 @@ class DetectionComponent:
         if not self.schedule.bootstrap:
             return
         if self._next_training_mono is None:
-            self._next_training_mono = now_mono_s  # decide at the first tick
+            # With a forest installed, the daily retrain counts from now; without one, decide at once.
+            installed_now = self.detector.forest is not None
+            self._next_training_mono = now_mono_s + (self.schedule.retrain_interval_s if installed_now else 0.0)
         if now_mono_s < self._next_training_mono:
             return
         installed = self.detector.forest is not None

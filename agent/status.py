@@ -70,9 +70,11 @@ def collect(config: AgentConfig, now_s: float) -> dict[str, Any]:
         "mqtt": {"connected": False},
         "models": [],
         "running": False,
+        "_state_dir": str(config.agent.state_dir),
     }
     conn = open_readonly(path)
     if conn is None:
+        doc.pop("_state_dir")
         return doc
     try:
         if has_table(conn, "samples"):
@@ -88,6 +90,7 @@ def collect(config: AgentConfig, now_s: float) -> dict[str, Any]:
             reader(conn, doc, runtime if running else {})
     finally:
         conn.close()
+        doc.pop("_state_dir", None)
     return doc
 
 
@@ -101,15 +104,33 @@ def _db_size(path: Path) -> int:
     return total
 
 
+def _models_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[str, Any]) -> None:
+    if "models" not in runtime:
+        from agent.updates import list_installed
+
+        doc["models"] = list_installed(doc["_state_dir"])
+
+
 def _events_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[str, Any]) -> None:
     if has_table(conn, "events"):
         doc["events"] = {"count": conn.execute("SELECT count(*) FROM events").fetchone()[0]}
 
 
 def _live_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[str, Any]) -> None:
-    if "mqtt" in runtime:
-        doc["mqtt"] = runtime["mqtt"]
+    for key in ("mqtt", "outbox", "models"):
+        if key in runtime:
+            doc[key] = runtime[key]
+
+
+def _outbox_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[str, Any]) -> None:
+    """Outbox depth and drops straight from the table, true even while the agent is down."""
+    if has_table(conn, "outbox"):
+        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        dropped = 0
+        if has_table(conn, "outbox_counters"):
+            dropped = conn.execute("SELECT coalesce(sum(value), 0) FROM outbox_counters WHERE name = 'dropped'").fetchone()[0]
+        doc["outbox"] = {**doc.get("outbox", {}), "depth": depth, "dropped": dropped}
 
 
 # Each reader adds its part of the document; modules owning a table add theirs here.
-STATUS_READERS = [_events_reader, _live_reader]
+STATUS_READERS = [_events_reader, _live_reader, _outbox_reader, _models_reader]

@@ -75,6 +75,8 @@ def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = 
             except NotEnoughSamples as exc:
                 raise TrainingError(f"not enough clean samples: {exc}") from None
             decision = updater.install_local("forest", model_dir)
+            if decision.event:
+                updater.queue_event(decision.event)  # the running daemon publishes it
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:

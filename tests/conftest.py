@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -385,3 +386,13 @@ def mqtt_sink() -> Iterator[Callable[..., MqttSink]]:
     yield make
     for sink in sinks:
         sink.close()
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """`edge-agent` commands called in-process configure the root logger; keep tests independent."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
