@@ -32,7 +32,7 @@ class DetectParams:
     features: tuple[str, ...] = DEFAULT_FEATURES   # base metrics (absent ones are ignored)
     window_stats: bool = True        # also z-score each metric's first difference and short rolling mean
     stats_window: int = 10           # rows in that rolling mean
-    zscore: ZScoreParams = field(default_factory=lambda: ZScoreParams(window=3000, warmup=30, refresh_every=10))
+    zscore: ZScoreParams = field(default_factory=ZScoreParams)
     severity: SeverityParams = field(default_factory=SeverityParams)
     calibrator: CalibratorParams = field(default_factory=CalibratorParams)
     episodes: EpisodeParams = field(default_factory=EpisodeParams)

@@ -75,7 +75,6 @@ class CompactForest:
     _child: np.ndarray = field(init=False, repr=False)
     _feat: np.ndarray = field(init=False, repr=False)
     _denom: float = field(init=False, repr=False)
-    _has_mgl: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.children_left = np.ascontiguousarray(self.children_left, dtype=np.int32)
@@ -121,7 +120,6 @@ class CompactForest:
         self._roots = self.tree_offsets[:-1].astype(np.intp)
         self._depth = self._max_depth()
         self._mgl = self.missing_go_left.astype(bool)
-        self._has_mgl = bool(self._mgl.any())
         self._denom = self.n_trees * float(average_path_length(self.max_samples))
 
     def _max_depth(self) -> int:
@@ -165,9 +163,10 @@ class CompactForest:
             return node[None, :]
         n = X.shape[0]
         node = np.broadcast_to(self._roots, (n, self.n_trees)).copy()
-        rows = np.arange(n)[:, None]
+        flat = X.ravel()
+        row_base = (np.arange(n, dtype=np.intp) * self.n_features)[:, None]
         for _ in range(self._depth):
-            xv = X[rows, feat.take(node)]
+            xv = flat.take(row_base + feat.take(node))
             right = xv > thr.take(node)
             if has_nan:
                 # sklearn: NaN goes left iff missing_go_to_left

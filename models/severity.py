@@ -112,7 +112,12 @@ def gate(severity: str, anomaly_score: float, params: SeverityParams) -> str:
 
 
 def _untransform(name: str, v: float) -> float:
-    return math.expm1(v) if is_rate(name) and math.isfinite(v) else v
+    """Back to the metric's units: rates (and their rolling means) were log1p'd; a diff/std of a
+    log-rate is a log-ratio and stays as is."""
+    base, _, suffix = name.partition("|")
+    if is_rate(base) and not suffix.startswith(("diff", "std")) and math.isfinite(v):
+        return math.expm1(v)
+    return v
 
 
 def explain(names: Sequence[str], values: np.ndarray, z: np.ndarray, center: np.ndarray, scale: np.ndarray,
@@ -147,6 +152,7 @@ class CalibratorParams:
     damp: float = 0.5            # ... or it is multiplied by this
     clip: float = 50.0           # per-column scores are clipped here first (z units)
     warmup: int = 50             # anomaly_score is 0 for the first rows
+    rank: int = 1                # compare with the rank-th largest block maximum (1 = the max)
 
     def __post_init__(self) -> None:
         if self.history < self.block or self.block < 1 or self.refractory < 0 or not 0 <= self.damp <= 1:
@@ -188,7 +194,12 @@ class SurpriseCalibrator:
     def update(self, scores: np.ndarray) -> float:
         p = self.params
         s = np.minimum(np.nan_to_num(np.abs(np.asarray(scores, dtype=np.float64)), nan=0.0), p.clip)
-        prev = np.maximum(self._blocks.max(axis=0), self._cur)
+        if p.rank == 1:
+            prev = np.maximum(self._blocks.max(axis=0), self._cur)
+        else:
+            allb = np.vstack([self._blocks, self._cur[None, :]])
+            k = min(p.rank, len(allb))
+            prev = -np.partition(-allb, k - 1, axis=0)[k - 1]
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(s > 0, s / np.where(prev > 0, prev, 1e-12), 0.0)
         ratio = min(float(r.max()), MAX_RATIO) if len(r) and self._n >= p.warmup else 0.0
