@@ -51,6 +51,9 @@ def test_explanation_names_the_deviating_feature_with_range():
     assert ex[0]["value"] == 95.0 and ex[0]["expected_low"] == 5.0 and ex[0]["expected_high"] == 35.0
     assert ex[1]["value"] == pytest.approx(1e6)                   # rates reported in their units
     assert ex[1]["expected_low"] < 1e3 < ex[1]["expected_high"]
+    ex = explain(("disk.writeBytesPerSec|mean10", "disk.writeBytesPerSec|diff1"), np.array([math.log1p(99.0), 2.0]),
+                 np.array([5.0, 4.0]), np.array([0.0, 0.0]), np.array([1.0, 0.5]), P)
+    assert ex[0]["value"] == pytest.approx(99.0) and ex[1]["value"] == 2.0
 
 
 def _reference_calibration(S, p):
