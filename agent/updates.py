@@ -71,6 +71,8 @@ from models.bundle import (
     load_trusted_keys, make_manifest, manifest_from_dict, sha256_hex, verify_bundle,
 )
 
+from models.atomic import fsync_dir as _fsync_dir, write_file as _write_file
+
 log = logging.getLogger(__name__)
 
 COMPONENT = "models"
@@ -181,25 +183,6 @@ def list_installed(state_dir: str | Path) -> list[dict[str, Any]]:
                     "anomaly_rate": ptr.get("anomaly_rate"), "previous_version": prev.get("version"),
                     "dir": str(kdir / ptr["dir"])})
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -32,6 +29,8 @@ import numpy as np
 from models.features import build_matrix
 from models.forest import CompactForest, average_path_length
 from models.zscore import ZScoreParams, robust_center_scale
+
+from models.atomic import write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -97,52 +96,19 @@ def calibrate_thresholds(anomaly_scores: np.ndarray, params: ForestParams = Fore
     return {"median": median, "warning": warning, "critical": critical}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_model_dir(out_dir: str | Path, forest: CompactForest, meta: dict, replace: bool = False) -> Path:
     """Write forest.npz + model.json into a temp dir, fsync, then rename into place.
 
     ``replace=True`` swaps an existing directory (moved aside, then removed);
     without it an existing ``out_dir`` is an error, which keeps the write atomic.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        import io
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **forest.to_arrays())
-        _write_file(tmp / "forest.npz", buf.getvalue())
-        _write_file(tmp / "model.json", json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
-        _fsync_dir(tmp)
-        if out.exists():
-            if not replace:
-                raise FileExistsError(out)
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **forest.to_arrays())
+    return write_dir_atomic(out_dir, {"forest.npz": buf.getvalue(),
+                                      "model.json": json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")},
+                            replace=replace)
 
 
 def train_forest_from_matrix(X: np.ndarray, feature_names: Sequence[str], params: ForestParams, out_dir: str | Path,

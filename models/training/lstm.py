@@ -36,9 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -51,6 +49,7 @@ from models.forecast.lstm import (FORMAT_VERSION, META_FILE, MODEL_FILE, decode_
 from models.forecast.series import (TIME_FEATURES, ffill, infer_step_s, read_csv_columns, resample_mean,
                                     rows_to_columns, time_features)
 from models.forecast.tflite_loader import ModelShapeError, TFLiteModel, interpreter_class
+from models.atomic import write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,46 +178,12 @@ def tflite_outputs(content: bytes, inputs: np.ndarray, input_shape, output_shape
     return np.concatenate([model.predict(inputs[i:i + 1]) for i in range(len(inputs))], axis=0)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_lstm_dir(out_dir: str | Path, tflite_bytes: bytes, meta: dict, replace: bool = False) -> Path:
     """forecaster.tflite + model.json into a temp dir, fsync, rename into place."""
     validate_meta(meta)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        _write_file(tmp / MODEL_FILE, tflite_bytes)
-        _write_file(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
-        _fsync_dir(tmp)
-        if out.exists():
-            if not replace:
-                raise FileExistsError(out)
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_dir_atomic(out_dir, {MODEL_FILE: tflite_bytes,
+                                      META_FILE: json.dumps(meta, indent=1, sort_keys=True).encode("utf-8")},
+                            replace=replace)
 
 
 # -- training ------------------------------------------------------------------------------------
