@@ -182,7 +182,7 @@ def run(args: argparse.Namespace, params: ForecastParams | None = None, stdout: 
         return 0
     stdout.write(f"{summary['origins']} origins, {summary['rows']} rows -> {args.out} "
                  f"(step {summary['step_s']:g}s, MASE scale = in-sample naive MAE {summary['mase_scale']:.4g})\n")
-    for name, s in summary["scores"].items():
+    for name, s in sorted(summary["scores"].items(), key=lambda kv: (kv[0] == "all", kv[0])):
         stdout.write(f"  {name:16s} n={int(s['n']):6d}  MAE {s['mae']:.4g}  MASE {s['mase']:.3f}  "
                      f"coverage80 {s['coverage_80']:.3f}  coverage95 {s['coverage_95']:.3f}\n")
     return 0

@@ -215,7 +215,11 @@ def build_matrix(rows: Sequence[Mapping[str, float]], names: Sequence[str]) -> n
 
 
 class FeatureBuilder:
-    """Streaming counterpart of ``build_matrix``: one ``update(values)`` per sample."""
+    """Streaming counterpart of ``build_matrix``: one ``update(values)`` per sample.
+
+    Per-sample work is a handful of vectorised numpy ops over the base metrics,
+    whatever the number of derived columns.
+    """
 
     def __init__(self, names: Sequence[str]):
         self.spec = spec_from_names(names)
@@ -223,32 +227,47 @@ class FeatureBuilder:
         self._last = np.full(nb, np.nan)
         self._prev = np.full(nb, np.nan)
         self._hist = deque(maxlen=self.spec.max_window)
-        self._needs_hist = any(op in ("mean", "std") for _, op, _ in self.spec.ops)
+        ops = self.spec.ops
+        self._value_cols = np.array([c for c, (_, op, _) in enumerate(ops) if op == "value"], dtype=np.intp)
+        self._value_src = np.array([b for b, op, _ in ops if op == "value"], dtype=np.intp)
+        self._diff_cols = np.array([c for c, (_, op, _) in enumerate(ops) if op == "diff1"], dtype=np.intp)
+        self._diff_src = np.array([b for b, op, _ in ops if op == "diff1"], dtype=np.intp)
+        # rolling stats grouped by (op, k): one reduction per group
+        groups: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        for c, (b, op, k) in enumerate(ops):
+            if op in ("mean", "std"):
+                cols, src = groups.setdefault((op, k), ([], []))
+                cols.append(c)
+                src.append(b)
+        self._groups = [(op, k, np.array(cols, dtype=np.intp), np.array(src, dtype=np.intp))
+                        for (op, k), (cols, src) in groups.items()]
 
     @property
     def names(self) -> tuple[str, ...]:
         return self.spec.names
 
     def update(self, values: Mapping[str, float]) -> np.ndarray:
-        self._prev = self._last.copy()
+        self._prev[:] = self._last
         for j, b in enumerate(self.spec.bases):
             if b in values:
                 v = transform_value(b, values[b])
                 if not math.isnan(v):
                     self._last[j] = v
         cur = self._last
-        if self._needs_hist:
+        out = np.empty(len(self.spec.ops))
+        out[self._value_cols] = cur[self._value_src]
+        if len(self._diff_cols):
+            c, p = cur[self._diff_src], self._prev[self._diff_src]
+            # the first observed value has no predecessor: 0; never observed: NaN
+            out[self._diff_cols] = np.where(np.isnan(p), np.where(np.isnan(c), np.nan, 0.0), c - p)
+        if self._groups:
             self._hist.append(cur.copy())
             hist = np.asarray(self._hist)
-        out = np.empty(len(self.spec.ops))
-        for c, (bi, op, k) in enumerate(self.spec.ops):
-            if op == "value":
-                out[c] = cur[bi]
-            elif op == "diff1":
-                p = self._prev[bi]
-                out[c] = (cur[bi] - p) if not math.isnan(p) else (0.0 if not math.isnan(cur[bi]) else math.nan)
-            else:
-                w = hist[-k:, bi]
-                fn = np.mean if op == "mean" else np.std
-                out[c] = float(fn(w)) if not np.isnan(w).any() else _stat_nan(w, fn)
+            for op, k, cols, src in self._groups:
+                w = hist[-k:][:, src]
+                if np.isnan(w).any():
+                    fn = np.mean if op == "mean" else np.std
+                    out[cols] = [_stat_nan(w[:, i], fn) for i in range(w.shape[1])]
+                else:
+                    out[cols] = w.mean(axis=0) if op == "mean" else w.std(axis=0)
         return out

@@ -75,6 +75,7 @@ class CompactForest:
     _child: np.ndarray = field(init=False, repr=False)
     _feat: np.ndarray = field(init=False, repr=False)
     _denom: float = field(init=False, repr=False)
+    _leaf_depth: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.children_left = np.ascontiguousarray(self.children_left, dtype=np.int32)
@@ -121,6 +122,7 @@ class CompactForest:
         self._depth = self._max_depth()
         self._mgl = self.missing_go_left.astype(bool)
         self._denom = self.n_trees * float(average_path_length(self.max_samples))
+        self._leaf_depth = np.ascontiguousarray(self.value[:, 0])
 
     def _max_depth(self) -> int:
         depth = 0
@@ -186,7 +188,7 @@ class CompactForest:
         """sklearn IsolationForest.score_samples: lower = more abnormal, in [-1, 0)."""
         if self.kind != "isolation":
             raise ValueError("score_samples needs an isolation forest")
-        depths = self.value[:, 0].take(self.apply(X)).sum(axis=1)
+        depths = self._leaf_depth.take(self.apply(X)).sum(axis=1)
         if self._denom == 0:
             # sklearn: a single training sample gives depth 0 / denominator 0 -> 2**-1
             return -np.full(len(depths), 0.5)
@@ -197,7 +199,14 @@ class CompactForest:
 
     def score_one(self, x: np.ndarray) -> float:
         """Hot path: anomaly score ``-score_samples`` of one row (higher = more abnormal)."""
-        return float(-self.score_samples(x)[0])
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        if self.kind != "isolation" or x.shape[0] != self.n_features or self._denom == 0 or np.isnan(x).any():
+            return float(-self.score_samples(x[None, :])[0])
+        child, feat, thr = self._child, self._feat, self.threshold
+        node = self._roots
+        for _ in range(self._depth):
+            node = child.take((node << 1) | (x.take(feat.take(node)) > thr.take(node)))
+        return float(2.0 ** (-(self._leaf_depth.take(node).sum() / self._denom)))
 
     # -- persistence -------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -152,7 +152,6 @@ class CalibratorParams:
     damp: float = 0.5            # ... or it is multiplied by this
     clip: float = 50.0           # per-column scores are clipped here first (z units)
     warmup: int = 50             # anomaly_score is 0 for the first rows
-    rank: int = 1                # compare with the rank-th largest block maximum (1 = the max)
 
     def __post_init__(self) -> None:
         if self.history < self.block or self.block < 1 or self.refractory < 0 or not 0 <= self.damp <= 1:
@@ -194,12 +193,7 @@ class SurpriseCalibrator:
     def update(self, scores: np.ndarray) -> float:
         p = self.params
         s = np.minimum(np.nan_to_num(np.abs(np.asarray(scores, dtype=np.float64)), nan=0.0), p.clip)
-        if p.rank == 1:
-            prev = np.maximum(self._blocks.max(axis=0), self._cur)
-        else:
-            allb = np.vstack([self._blocks, self._cur[None, :]])
-            k = min(p.rank, len(allb))
-            prev = -np.partition(-allb, k - 1, axis=0)[k - 1]
+        prev = np.maximum(self._blocks.max(axis=0), self._cur)
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(s > 0, s / np.where(prev > 0, prev, 1e-12), 0.0)
         ratio = min(float(r.max()), MAX_RATIO) if len(r) and self._n >= p.warmup else 0.0

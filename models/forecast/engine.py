@@ -24,6 +24,9 @@ limit, an exhaustion ETA. Naive is selectable by default: the fallback's
 structure is chosen on in-sample error, and on some series (NAB ec2 CPU, grok)
 the last value beats it out of sample; publishing it then cut the fallback-only
 mean MASE on NAB realAWSCloudwatch from 1.205 to 1.136 (bench/forecast.py).
+Once an LSTM covers the metric, naive stops competing (still scored): the LSTM
+predicts changes from the last value, so "no change" is already its zero
+output, and a third candidate only added switching noise (auto 1.060 vs 1.033).
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ class ForecastParams:
     limits: tuple[str, ...] = DEFAULT_LIMITS        # "METRIC_OR_GLOB=LIMIT"
     baselines: tuple[str, ...] = ("naive",)         # extra candidates: "naive", "snaive" (always scored)
     selectable: tuple[str, ...] = ("lstm", "fallback", "naive")   # candidates the selector may publish
+    baselines_compete_with_lstm: bool = False       # see module docstring
     fallback: FallbackParams = field(default_factory=FallbackParams)
     conformal: ConformalParams = field(default_factory=ConformalParams)
     selector: SelectorParams = field(default_factory=SelectorParams)
@@ -483,6 +487,8 @@ class ForecastEngine:
             points[name] = model.forecast(h)
         bands = {name: st.calibrator(name, self.params).bands(p) for name, p in points.items()}
         selectable = [n for n in self.params.selectable if n in points]
+        if LSTM in selectable and not self.params.baselines_compete_with_lstm:
+            selectable = [n for n in selectable if n not in BASELINES]
         chosen = st.selector.choose(selectable)
         st.pending.append(_Issued(st.index, points, bands, chosen))
         st.latest = self._result(st, origin_ts_s, y, chosen, points[chosen], bands[chosen])
