@@ -13,7 +13,7 @@ $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (tomllib)"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[edge,train,test]'
+	$(PY) -m pip install --quiet -e '.[edge,train,fleet,test]'
 	touch $(STAMP)
 
 run: venv

@@ -25,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "models", "models.*", "fleet", "fleet.*"]),
-    package_data={"agent": ["*.toml", "static/*"], "fleet": ["static/*"]},
+    package_data={"agent": ["*.toml", "static/*"], "fleet": ["*.toml", "static/*"]},
     install_requires=[
         "numpy>=1.24",
         "psutil>=5.9",
@@ -43,7 +43,11 @@ setup(
             'tensorflow-cpu==2.21.0; platform_machine == "x86_64"',
             'tensorflow==2.21.0; platform_machine != "x86_64"',
         ],
+        "fleet": [
+            "psycopg[binary]>=3.1",   # only for a postgresql:// fleet store; SQLite needs nothing
+        ],
         "test": [
+            "psycopg[binary]>=3.1",
             "pytest>=7",
             "pytest-timeout>=2",
             "prometheus-client>=0.17",

@@ -299,9 +299,18 @@ def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
         trusted_keys=m.trusted_keys, max_bundle_bytes=m.max_bundle_bytes, health_samples=m.health_samples,
         health_anomaly_rate_factor=m.health_anomaly_rate_factor, health_anomaly_rate_floor=m.health_anomaly_rate_floor,
         health_inference_budget_s=m.health_inference_budget_s, poll_interval_s=m.poll_interval_s))
-    reporter = Reporter(models=manager.models)
-    manager.on_change(reporter.report_now)  # the twin shows a model change at once
     components: list[Any] = []
+
+    def twin_extra() -> dict[str, Any]:
+        """Fields components add to the reported twin (a component with ``twin() -> dict``)."""
+        extra: dict[str, Any] = {}
+        for c in components:
+            if hasattr(c, "twin"):
+                extra.update(c.twin())
+        return extra
+
+    reporter = Reporter(models=manager.models, extra=twin_extra)
+    manager.on_change(reporter.report_now)  # the twin shows a model change at once
     if config.mqtt.enabled:
         from agent.transport import MqttReporter, params_from_sections
 

@@ -7,9 +7,8 @@ refused the bundle, ``publish`` could not deliver it or refused to send it),
 never a traceback, because the reader is an operator at a terminal or a timer's
 journal.
 
-Adding a command (collect, train, alerts come later): write its
-``_cmd_*`` function (or import it from its own module), add a parser in
-``build_parser`` under the marked section, and add it to ``COMMANDS``.
+The fleet-loop commands (collect, alerts, train, models, drift, retrain) live
+in fleet/commands.py, which registers its own parsers and handlers here.
 """
 from __future__ import annotations
 
@@ -89,15 +88,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- later: collect / train / alerts (other modules register here) ------------------------
-
-
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": _cmd_keygen,
     "bundle": _cmd_bundle,
     "verify": _cmd_verify,
     "publish": _cmd_publish,
-    # "collect": ..., "train": ..., "alerts": ...
 }
 
 
@@ -146,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device topic prefix template, as the agent's mqtt.topic_prefix (default: devices/{device_id})")
     p.add_argument("--timeout-s", type=float, default=10.0, metavar="S", help="connect and PUBACK timeout")
 
-    # -- later: collect / train / alerts parsers go here --
+    from fleet.commands import register as register_fleet_loop
+
+    COMMANDS.update(register_fleet_loop(sub))
     return parser
 
 

@@ -94,7 +94,7 @@ if [ "$ROLE" = agent ]; then
     OTHER_UNIT=edge-fleet-retrain.service
 else
     USER_NAME=edge-fleet
-    EXTRAS=train
+    EXTRAS=train,fleet
     UNITS=(edge-fleet-retrain.service edge-fleet-retrain.timer)
     ENABLE=edge-fleet-retrain.timer
     CONF_DIR=/etc/edge-fleet
@@ -169,21 +169,24 @@ ensure_venv() {
 }
 
 ensure_config() {
-    local dir="$DESTDIR$CONF_DIR"
+    local dir="$DESTDIR$CONF_DIR" example name hint
     say "configuration $CONF_DIR"
     files mkdir -p "$dir"
     files chmod 0755 "$dir"
-    [ "$ROLE" = agent ] || return 0
-    local example="$SRC/agent/agent.example.toml" target="$dir/agent.toml"
-    if [ -e "$target" ]; then
-        note "$CONF_DIR/agent.toml exists, kept (compare with $example after upgrades)"
+    if [ "$ROLE" = agent ]; then
+        example="$SRC/agent/agent.example.toml" name=agent.toml hint="set device_id and [mqtt] there"
+    else
+        example="$SRC/fleet/fleet.example.toml" name=fleet.toml hint="set the store, broker and signing key there"
+    fi
+    if [ -e "$dir/$name" ]; then
+        note "$CONF_DIR/$name exists, kept (compare with $example after upgrades)"
         return
     fi
     [ -f "$example" ] || die "example configuration $example not found"
-    # 0640 root:edge-agent: the file may hold the MQTT password.
-    files install -m 0640 "$example" "$target"
-    system chown "root:$USER_NAME" "$CONF_DIR/agent.toml"
-    note "created $CONF_DIR/agent.toml from the example: set device_id and [mqtt] there"
+    # 0640 root:<service user>: the file may hold broker and database passwords.
+    files install -m 0640 "$example" "$dir/$name"
+    system chown "root:$USER_NAME" "$CONF_DIR/$name"
+    note "created $CONF_DIR/$name from the example: $hint"
 }
 
 install_units() {

@@ -244,7 +244,9 @@ def test_fleet_role_installs_the_timer(tmp_path: Path, shims: tuple[dict[str, st
     units = root / "etc/systemd/system"
     assert sorted(p.name for p in units.iterdir()) == ["edge-fleet-retrain.service", "edge-fleet-retrain.timer"]
     assert "would run: systemctl enable --now edge-fleet-retrain.timer" in proc.stdout
-    assert re.search(r"pip install .*\\\[train\\\]", proc.stdout)
+    assert re.search(r"pip install .*\\\[train\\,fleet\\\]", proc.stdout)
+    conf = root / "etc/edge-fleet/fleet.toml"
+    assert conf.read_text() == (REPO / "fleet/fleet.example.toml").read_text()
     assert not log.exists()
 
 

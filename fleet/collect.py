@@ -1,0 +1,424 @@
+"""``edge-fleet collect``: subscribe to every device's messages and store them, deduplicated.
+
+Threads: paho runs its network loop on its own thread and its ``on_message``
+only puts (topic, payload, mid) on a bounded queue; the writer (``run``/``pump``,
+the caller's thread) parses, batches and writes to the store.
+
+Acknowledgement: paho's manual ack mode. A message's PUBACK is sent only after
+the transaction holding it (or the count of it as bad) has committed, so a
+collector that crashes or loses its store never loses a message: the broker
+still holds every unacknowledged one and redelivers it on reconnect. This also
+throttles the broker to what the store absorbs (it keeps at most its in-flight
+window, 20 by default in Mosquitto, unacknowledged), which is why a batch is
+written as soon as the queue goes quiet rather than on a fixed period.
+
+The MQTT session is persistent (clean session off, a fixed client id), so
+messages published while the collector is down wait in the broker's queue for
+it. Delivery is at least once: duplicates (a redelivered QoS 1 message, the
+retained twin redelivered on each reconnect) are dropped by message id in the
+store.
+
+A bad message (not JSON, no message id, a device id that differs from the
+topic's, a malformed body, too large) is counted under ``bad.<reason>`` in the
+store's counters and logged at most once a minute per reason; it never stops
+the collector. A store error that is not about the connection is pinned down to
+the message that causes it (the batch is retried one message at a time) and that
+message is counted as ``bad.store``; a lost connection is retried with backoff.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from agent.topics import DEFAULT_TEMPLATES, PRESETS
+from fleet.config import FleetConfig
+from fleet.store import SEVERITIES, Incoming, Store, StoreError, iso_to_s, open_store
+
+log = logging.getLogger(__name__)
+
+# message kind (payload "kind") -> the agent's topic template kind
+TOPIC_KINDS = {"telemetry": "telemetry", "anomaly": "anomaly", "forecast": "forecast", "twin": "twin",
+               "model": "model"}
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_ROWS = 100_000
+QUIET_S = 0.02          # a batch is written once no message came for this long
+
+
+class BadMessage(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TopicRoute:
+    kind: str
+    pattern: re.Pattern
+    subscription: str
+
+
+def routes(topic_prefix: str = "devices/{device_id}") -> list[TopicRoute]:
+    """One (kind, regex, wildcard subscription) per device topic the fleet listens to.
+
+    Built from the agent's own templates, for the configured prefix and for the
+    origin preset's twin topic, so the two sides cannot disagree on names."""
+    out: list[TopicRoute] = []
+    templates = [(k, DEFAULT_TEMPLATES[k]) for k in TOPIC_KINDS.values()]
+    templates += [(k, t) for k, t in PRESETS["origin"].items() if k in TOPIC_KINDS.values()]
+    seen: set[str] = set()
+    for kind, tpl in templates:
+        full = tpl.replace("{prefix}", topic_prefix.rstrip("/"))
+        if "{device_id}" not in full:
+            raise ValueError(f"topic template {full!r} has no {{device_id}}")
+        sub = full.replace("{device_id}", "+")
+        if sub in seen:
+            continue
+        seen.add(sub)
+        regex = "^" + re.escape(full).replace(re.escape("{device_id}"), "(?P<device>[^/]+)") + "$"
+        out.append(TopicRoute(kind, re.compile(regex), sub))
+    return out
+
+
+def route_of(topic: str, table: Sequence[TopicRoute]) -> tuple[str, str] | None:
+    for r in table:
+        m = r.pattern.match(topic)
+        if m:
+            return r.kind, m.group("device")
+    return None
+
+
+# -- parsing (pure) --------------------------------------------------------------------------
+def _telemetry_samples(doc: Mapping[str, Any]) -> tuple[tuple[float, dict[str, float]], ...]:
+    cols, rows = doc.get("columns"), doc.get("rows")
+    if not isinstance(cols, list) or not cols or cols[0] != "ts_s" or \
+            not all(isinstance(c, str) and c for c in cols):
+        raise BadMessage("telemetry", "columns must be a list of names starting with 'ts_s'")
+    if len(set(cols)) != len(cols):
+        raise BadMessage("telemetry", "duplicate column names")
+    if not isinstance(rows, list) or len(rows) > MAX_ROWS:
+        raise BadMessage("telemetry", "rows must be a list (at most 100000)")
+    out = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(cols):
+            raise BadMessage("telemetry", f"a row has {len(row) if isinstance(row, list) else '?'} cells "
+                                          f"for {len(cols)} columns")
+        ts = row[0]
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise BadMessage("telemetry", f"row timestamp {ts!r} is not a number")
+        values = {}
+        for name, v in zip(cols[1:], row[1:]):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                values[name] = float(v)
+        out.append((float(ts), values))
+    return tuple(out)
+
+
+def _check_body(kind: str, doc: Mapping[str, Any]) -> None:
+    if kind == "anomaly":
+        if not isinstance(doc.get("id"), str) or not doc["id"]:
+            raise BadMessage("anomaly", "no episode id")
+        if doc.get("severity") not in SEVERITIES:
+            raise BadMessage("anomaly", f"severity {doc.get('severity')!r} not in {SEVERITIES}")
+        if iso_to_s(doc.get("startedAt")) is None:
+            raise BadMessage("anomaly", "startedAt is not a time")
+    elif kind == "forecast":
+        if not isinstance(doc.get("metric"), str) or iso_to_s(doc.get("origin")) is None:
+            raise BadMessage("forecast", "needs a metric and an origin time")
+        if not isinstance(doc.get("values"), list):
+            raise BadMessage("forecast", "values must be a list")
+    elif kind == "twin":
+        state = doc.get("state")
+        if not isinstance(state, Mapping) or not isinstance(state.get("reported"), Mapping):
+            raise BadMessage("twin", "no state.reported object")
+
+
+def parse_message(topic: str, payload: bytes, table: Sequence[TopicRoute],
+                  max_bytes: int = 4 * 1024 * 1024) -> Incoming:
+    """Bytes from a device topic -> a validated Incoming; BadMessage says why not."""
+    if len(payload) > max_bytes:
+        raise BadMessage("too_large", f"{len(payload)} bytes")
+    route = route_of(topic, table)
+    if route is None:
+        raise BadMessage("topic", f"unexpected topic {topic!r}")
+    kind, topic_device = route
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadMessage("json", str(exc)) from None
+    if not isinstance(doc, dict):
+        raise BadMessage("json", "not a JSON object")
+    message_id, device_id = doc.get("messageId"), doc.get("deviceId")
+    if not isinstance(message_id, str) or not _ID_RE.match(message_id):
+        raise BadMessage("envelope", f"messageId {message_id!r} missing or invalid")
+    if device_id != topic_device:
+        raise BadMessage("device_mismatch", f"deviceId {device_id!r} on the topic of {topic_device!r}")
+    if not isinstance(device_id, str) or not _ID_RE.match(device_id):
+        raise BadMessage("envelope", f"deviceId {device_id!r} invalid")
+    if doc.get("kind") not in (None, kind):
+        raise BadMessage("envelope", f"kind {doc.get('kind')!r} on a {kind} topic")
+    ts_s = iso_to_s(doc.get("timestamp"))
+    if doc.get("timestamp") is not None and ts_s is None:
+        raise BadMessage("envelope", f"timestamp {doc.get('timestamp')!r} is not a time")
+    _check_body(kind, doc)
+    samples = _telemetry_samples(doc) if kind == "telemetry" else ()
+    return Incoming(message_id, device_id, kind, ts_s, doc, samples, topic)
+
+
+# -- the collector ---------------------------------------------------------------------------
+def _transient(exc: BaseException) -> bool:
+    """A lost connection or a locked database: retry the batch later. Anything else: the data."""
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return "locked" in text or "busy" in text or "disk i/o" in text or "unable to open" in text
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+@dataclass
+class CollectorStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    samples: int = 0
+    bad: dict[str, int] = field(default_factory=dict)
+    store_errors: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
+                "samples": self.samples, "bad": dict(self.bad), "bad_total": sum(self.bad.values()),
+                "store_errors": self.store_errors}
+
+
+class Collector:
+    def __init__(self, store: Store, config: FleetConfig, *,
+                 reopen: Callable[[], Store] | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.params = config.collect
+        self.routes = routes(config.mqtt.topic_prefix)
+        self.stats = CollectorStats()
+        self.connected = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=self.params.max_queue)
+        self._client: Any = None
+        self._reopen = reopen
+        self._last_bad_log: dict[str, float] = {}
+        self._pending: list[Incoming] = []
+        self._unsaved_bad: dict[str, int] = {}
+        self._unacked: list[tuple[int, int]] = []       # (mid, qos) of every message taken, until committed
+
+    # -- MQTT (paho thread: queue only) ---------------------------------------------------
+    def start(self) -> None:
+        import paho.mqtt.client as paho
+
+        m = self.config.mqtt
+        v5 = m.protocol == "5"
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=m.client_id,
+                             clean_session=None if v5 else False,
+                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311, manual_ack=True)
+        if m.username:
+            client.username_pw_set(m.username, m.password or None)
+        if m.tls_ca or m.tls_cert:
+            client.tls_set(ca_certs=m.tls_ca or None, certfile=m.tls_cert or None, keyfile=m.tls_key or None)
+        client.reconnect_delay_set(1, 60)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        kwargs: dict[str, Any] = {}
+        if v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 7 * 86400
+            kwargs = {"clean_start": False, "properties": props}
+        client.connect_async(m.host, m.port, m.keepalive_s, **kwargs)
+        client.loop_start()
+        self._client = client
+        log.info("collector connecting to %s:%d as %s; topics %s", m.host, m.port, m.client_id,
+                 ", ".join(r.subscription for r in self.routes))
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the collector: %s", reason)
+            return
+        client.subscribe([(r.subscription, 1) for r in self.routes])
+        self.connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self._queue.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos))  # blocks when full: backpressure
+
+    def submit(self, topic: str, payload: bytes, mid: int = 0, qos: int = 0) -> None:
+        """Hand one message to the writer, as the MQTT thread does."""
+        self._queue.put((topic, payload, mid, qos))
+
+    def stop(self) -> None:
+        """Write what was taken (acknowledging it), then disconnect; what could not be written
+        stays unacknowledged and the broker delivers it again to the next collector."""
+        self.pump(0.0)
+        self.flush()
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    # -- writer (caller's thread) ---------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> Incoming | None:
+        """Parse one message; a bad one is counted and logged, and None returned."""
+        self.stats.received += 1
+        try:
+            return parse_message(topic, payload, self.routes, self.params.max_message_bytes)
+        except BadMessage as exc:
+            self._bad(exc.reason, f"{topic}: {exc.detail}")
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not stop collection
+            log.exception("unexpected error parsing a message on %s", topic)
+            self._bad("internal", f"{topic}: {type(exc).__name__}")
+        return None
+
+    def _bad(self, reason: str, detail: str) -> None:
+        self.stats.bad[reason] = self.stats.bad.get(reason, 0) + 1
+        self._unsaved_bad[reason] = self._unsaved_bad.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last_bad_log.get(reason, -math.inf) >= 60.0:
+            self._last_bad_log[reason] = now
+            log.warning("bad message (%s): %s [%d so far]", reason, detail[:300], self.stats.bad[reason])
+
+    def pump(self, timeout_s: float) -> int:
+        """Move queued messages into the pending batch, writing full batches; returns messages taken.
+
+        While the store refuses a full batch nothing more is taken off the queue, so the
+        queue fills and paho's thread blocks: the broker keeps the rest."""
+        taken = 0
+        deadline = time.monotonic() + timeout_s
+        while len(self._pending) < self.params.batch_size or self.flush():
+            # wait up to the deadline for the first message, then only while more keep coming
+            wait = deadline - time.monotonic() if not taken else min(QUIET_S, deadline - time.monotonic())
+            try:
+                topic, payload, mid, qos = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            taken += 1
+            self._unacked.append((mid, qos))
+            item = self.handle(topic, payload)
+            if item is not None:
+                self._pending.append(item)
+        return taken
+
+    def flush(self) -> bool:
+        """Write the pending batch (and the bad-message counts); False when the store is unavailable."""
+        if not self._pending and not self._unsaved_bad:
+            self._ack()
+            return True
+        batch = self._pending
+        try:
+            self._write(batch)
+        except Exception as exc:  # noqa: BLE001 - classified below; the collector keeps running
+            if _transient(exc) or isinstance(exc, StoreError):
+                self.stats.store_errors += 1
+                log.warning("store unavailable (%s); %d messages wait", exc, len(batch))
+                self._recover()
+                return False
+            log.warning("store refused a batch of %d (%s: %s); retrying one by one", len(batch),
+                        type(exc).__name__, exc)
+            for item in batch:
+                try:
+                    self._write([item])
+                except Exception as one_exc:  # noqa: BLE001
+                    if _transient(one_exc):
+                        self.stats.store_errors += 1
+                        self._recover()
+                        self._pending = batch[batch.index(item):]
+                        return False
+                    self._bad("store", f"{item.kind} {item.message_id} from {item.device_id}: {one_exc}")
+            if self._unsaved_bad:
+                try:
+                    self._write([])
+                except Exception as count_exc:  # noqa: BLE001
+                    log.warning("could not store the bad-message counts: %s", count_exc)
+        self._pending = []
+        self._ack()
+        return True
+
+    def _ack(self) -> None:
+        """PUBACK everything taken so far: it is committed (or counted as bad)."""
+        client, unacked = self._client, self._unacked
+        self._unacked = []
+        if client is None:
+            return
+        for mid, qos in unacked:
+            if qos > 0 and mid:
+                client.ack(mid, qos)
+
+    def _write(self, batch: list[Incoming]) -> None:
+        with self.store.transaction():
+            result = self.store.ingest(batch) if batch else None
+            deltas = {"stored": result.stored if result else 0,
+                      "duplicates": result.duplicates if result else 0,
+                      **{f"bad.{k}": v for k, v in self._unsaved_bad.items()}}
+            self.store.bump(deltas)
+        if result is not None:
+            self.stats.stored += result.stored
+            self.stats.duplicates += result.duplicates
+            self.stats.samples += result.samples
+        self._unsaved_bad = {}
+
+    def _recover(self) -> None:
+        """A PostgreSQL connection that broke is reopened (SQLite just retries: a lock passes)."""
+        if self._reopen is None or not self.store.is_postgres:
+            return
+        try:
+            self.store.close()
+            self.store = self._reopen()
+            log.info("store reopened")
+        except Exception as exc:  # noqa: BLE001 - still down: the next flush tries again
+            log.warning("store still unavailable: %s", exc)
+
+    def run(self, stop: threading.Event | None = None, duration_s: float | None = None,
+            report_every_s: float = 60.0) -> CollectorStats:
+        """Collect until ``stop`` is set (or ``duration_s`` passed); returns the counts."""
+        stop = stop or threading.Event()
+        end = None if duration_s is None else time.monotonic() + duration_s
+        next_report = time.monotonic() + report_every_s
+        backoff_s = 0.5
+        if self._client is None:
+            self.start()
+        try:
+            while not stop.is_set() and (end is None or time.monotonic() < end):
+                self.pump(self.params.flush_interval_s)
+                if self.flush():
+                    backoff_s = 0.5
+                else:
+                    stop.wait(backoff_s)
+                    backoff_s = min(backoff_s * 2, 30.0)
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + report_every_s
+                    log.info("collector: %s", self.stats.as_dict())
+        finally:
+            self.stop()
+        return self.stats
+
+
+def collect(config: FleetConfig, stop: threading.Event | None = None,
+            duration_s: float | None = None) -> CollectorStats:
+    """Open the configured store and collect (the CLI command's body)."""
+    def reopen() -> Store:
+        return open_store(config.store_url, config.store.busy_timeout_s)
+
+    store = reopen()
+    try:
+        return Collector(store, config, reopen=reopen).run(stop, duration_s)
+    finally:
+        store.close()
