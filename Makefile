@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PREFIX ?= /opt/edge-agent
 
-.PHONY: venv run test bench install uninstall clean
+.PHONY: venv run test bench screenshots install uninstall clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ test: venv
 
 bench: venv
 	$(PY) bench/footprint.py
+
+# README images: a NAB series replayed through the real detector and forecaster, rendered by chromium
+screenshots: venv
+	$(PY) bench/screenshots.py
 
 install:
 	sudo PREFIX=$(PREFIX) PYTHON=$(PYTHON) bash systemd/install.sh install

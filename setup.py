@@ -25,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "models", "models.*", "fleet", "fleet.*"]),
-    package_data={"agent": ["*.toml", "static/*"], "fleet": ["*.toml", "static/*"]},
+    package_data={"agent": ["*.toml", "static/*", "static/vendor/*"], "fleet": ["*.toml", "static/*"]},
     install_requires=[
         "numpy>=1.24",
         "psutil>=5.9",

@@ -120,7 +120,10 @@ def _cmd_train(cfg: AgentConfig, args: argparse.Namespace) -> int:
 def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import replay
 
-    params = replay.ReplayParams(train_rows=args.train_rows) if args.train_rows else replay.ReplayParams()
+    from agent.detection import detect_params
+
+    # [detect] thresholds and windows apply; the features are the CSV's columns
+    params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows or None)
     value_cols = args.value_cols.split(",") if args.value_cols else None
     try:
         summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
@@ -132,12 +135,37 @@ def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backtest(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent import backtest
+    from agent.forecasting import params_from_section
+
+    # [forecast] settings apply (season, limits, intervals); one CSV row is one step, --horizon rows ahead
+    return backtest.run(args, params=params_from_section(cfg.forecast).engine)
+
+
+def _cmd_report(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent.report import ReportError, write_report
+    from agent.timeparse import parse_time_arg
+
+    now = time.time()
+    try:
+        since = parse_time_arg(args.since, now) if args.since else None
+        until = parse_time_arg(args.until, now) if args.until else None
+        size = write_report(cfg, args.out, now, since, until, args.points)
+    except (ValueError, ReportError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {args.out} ({size / 1e3:.0f} kB)")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[AgentConfig, argparse.Namespace], int]] = {
     "run": _cmd_run,
     "status": _cmd_status,
     "export": _cmd_export,
     "train": _cmd_train,
     "replay": _cmd_replay,
+    "report": _cmd_report,
+    "backtest": _cmd_backtest,
     "models": lambda cfg, args: cli_models.run(cfg, args),
 }
 
@@ -177,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
     p.add_argument("--train-rows", type=int, help="rows used as the training window (default: 15%%, at most 750)")
+
+    from agent.backtest import add_arguments as add_backtest_arguments
+
+    p = sub.add_parser("backtest", help="rolling-origin evaluation of the device's forecasters over a CSV")
+    _add_config(p)
+    add_backtest_arguments(p)
+
+    p = sub.add_parser("report", help="write the device page (charts, forecast, events) as one self-contained HTML file")
+    _add_config(p)
+    p.add_argument("--since", default="24h", help="start: ISO 8601, epoch seconds or an age (default: 24h)")
+    p.add_argument("--until", help="end (default: the newest sample)")
+    p.add_argument("--points", type=int, default=2000, help="values per chart at most (min/max downsampling)")
+    p.add_argument("--out", required=True, help="output .html file")
 
     cli_models.add_parser(sub)
     return parser

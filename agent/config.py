@@ -8,27 +8,24 @@ exits 2, because a traceback tells an operator nothing about their typo.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import socket
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from models.settings import SettingsError, build_section, option, read_toml, reference_rows, section_types, unknown
 
 ENV_PREFIX = "EDGE_AGENT_"
 ENV_CONFIG = "EDGE_AGENT_CONFIG"
 SYSTEM_CONFIG = Path("/etc/edge-agent/agent.toml")
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """A configuration value is missing, malformed or out of range."""
 
 
-def _opt(default: Any, doc: str, **rules: Any) -> Any:
-    """A dataclass field with validation rules (min, max, choices) and a doc line."""
-    return field(default=default, metadata={"doc": doc, **rules})
+_opt = option
 
 
 def _default_state_dir() -> str:
@@ -131,6 +128,118 @@ class HealthSection:
 
 
 @dataclass(frozen=True)
+class DetectSection:
+    features: tuple[str, ...] = _opt(("system.cpuUsage", "system.memoryPercent", "system.diskPercent",
+                                      "system.swapPercent", "system.load1", "disk.readBytesPerSec",
+                                      "disk.writeBytesPerSec", "network.bytesReceivedPerSec",
+                                      "network.bytesSentPerSec", "system.temperature"),
+                                     "Metrics the detectors watch (absent ones are ignored; counters are refused).")
+    window_stats: bool = _opt(True, "Also z-score each metric's first difference and short rolling mean.")
+    stats_window: int = _opt(10, "Samples in that short rolling mean.", min=2, max=1000)
+    zscore_window: int = _opt(3000, "Samples in the rolling median/MAD baseline of the z-score.", min=10, max=100000)
+    zscore_warmup: int = _opt(30, "Samples before the z-score reports anything.", min=1, max=100000)
+    z_warning: float = _opt(4.0, "Robust |z| at which a sample is a warning.", min=0.1)
+    z_critical: float = _opt(6.0, "Robust |z| at which a sample is critical.", min=0.1)
+    open_after: int = _opt(3, "Consecutive abnormal samples that open an anomaly episode.", min=1, max=10000)
+    close_after: int = _opt(5, "Consecutive normal samples that close it.", min=1, max=10000)
+    explain_top_k: int = _opt(3, "Features named in an anomaly's explanation.", min=1, max=100)
+    daily_profile: bool = _opt(True, "Also compare each metric with its time-of-day profile (anomaly_score).")
+    use_forest: bool = _opt(True, "Use an Isolation Forest beside the z-score once one is installed.")
+    forest_bootstrap: bool = _opt(True, "Train a forest on the device when none is installed, and retrain it.")
+    forest_train_after: int = _opt(100, "Clean samples needed to train a forest.", min=10)
+    forest_retrain_every_s: float = _opt(86400.0, "Retrain the device's own forest this often.", min=60.0)
+    forest_n_estimators: int = _opt(100, "Trees in the forest.", min=1, max=1000)
+    forest_contamination: float = _opt(0.01, "Share of training samples above the warning threshold.",
+                                       min=0.0001, max=0.5)
+
+    def __post_init__(self) -> None:
+        if self.z_warning > self.z_critical:
+            raise ConfigError("detect.z_warning: must not exceed detect.z_critical")
+        if self.zscore_warmup > self.zscore_window:
+            raise ConfigError("detect.zscore_warmup: must not exceed detect.zscore_window")
+        if not self.features:
+            raise ConfigError("detect.features: expected at least one metric")
+
+
+@dataclass(frozen=True)
+class ForecastSection:
+    enabled: bool = _opt(True, "Forecast metrics on the device (fallback models; an installed LSTM joins).")
+    metrics: tuple[str, ...] = _opt(("system.cpuUsage", "system.memoryPercent", "system.diskPercent",
+                                     "system.load1", "system.temperature"),
+                                    "Metrics to forecast (names or globs); metrics with a limit are added.")
+    step_s: float = _opt(60.0, "Forecast step: samples are averaged over this many seconds.", min=1.0, max=86400.0)
+    horizon: int = _opt(12, "Steps ahead each forecast covers.", min=1, max=1000)
+    publish_every_s: float = _opt(300.0, "How often forecasts are stored and sent over MQTT.", min=1.0)
+    retention_s: float = _opt(7 * 86400.0, "Keep stored forecasts this long.", min=60.0)
+    season_s: float = _opt(86400.0, "Season length the fallback models look for.", min=0.0)
+    history_max_steps: int = _opt(6000, "Steps of history kept per metric (and read back at start).", min=16,
+                                  max=1000000)
+    refit_every_steps: int = _opt(60, "Steps between refits of a metric's fallback model.", min=1)
+    limits: tuple[str, ...] = _opt(("system.diskPercent*=95", "system.memoryPercent=95"),
+                                   "METRIC=LIMIT pairs (globs allowed): exhaustion ETAs are computed for these.")
+    warning_eta_s: float = _opt(86400.0, "An ETA to a limit at or below this opens a warning.", min=0.0)
+    critical_eta_s: float = _opt(3600.0, "An ETA to a limit at or below this is critical.", min=0.0)
+    trend_window_s: float = _opt(86400.0, "History of the trend used for ETAs beyond the horizon.", min=60.0)
+    conformal_window: int = _opt(500, "Residuals per step behind the prediction intervals.", min=2, max=100000)
+    aci_gamma: float = _opt(0.005, "Adaptive conformal step size; 0 = plain split conformal.", min=0.0, max=1.0)
+    selector_margin: float = _opt(0.1, "Relative MAE gain a model needs to replace the published one.", min=0.0,
+                                  max=1.0)
+    train_epochs: int = _opt(30, "`train --kind forecast`: most training epochs (early stopping).", min=1)
+    train_units: int = _opt(32, "`train --kind forecast`: LSTM cells.", min=1, max=1024)
+    train_seq_len: int = _opt(50, "`train --kind forecast`: steps of history the LSTM sees.", min=2, max=10000)
+
+    def __post_init__(self) -> None:
+        if self.critical_eta_s > self.warning_eta_s:
+            raise ConfigError("forecast.critical_eta_s: must not exceed forecast.warning_eta_s")
+        for spec in self.limits:
+            name, sep, value = spec.rpartition("=")
+            try:
+                float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name.strip():
+                raise ConfigError(f"forecast.limits: expected METRIC=LIMIT (e.g. system.diskPercent=95), got {spec!r}")
+        if not self.metrics and not self.limits:
+            raise ConfigError("forecast.metrics: expected at least one metric (or a limit)")
+
+
+@dataclass(frozen=True)
+class ClustersSection:
+    enabled: bool = _opt(True, "Check this device against its fleet cluster (needs a 'cluster' model bundle).")
+    check_every_s: float = _opt(3600.0, "Seconds between behaviour-profile checks.", min=60.0)
+    profile_window_s: float = _opt(86400.0, "Samples one profile summarises; match the fleet's clusters --window-s.",
+                                   min=600.0)
+    min_coverage: float = _opt(0.5, "The window's samples must span this share of it.", min=0.0, max=1.0)
+    stay_beyond_checks: int = _opt(3, "Consecutive checks beyond the radius before a cluster_deviation event.",
+                                   min=1)
+    close_after_checks: int = _opt(3, "Consecutive checks inside the radius before the event closes.", min=1)
+    critical_factor: float = _opt(2.0, "Beyond this many radii the deviation is critical.", min=1.0)
+    max_profile_rows: int = _opt(5000, "Stored samples per check are subsampled to this many.", min=100)
+
+
+@dataclass(frozen=True)
+class WebSection:
+    enabled: bool = _opt(False, "Serve the read-only web page (charts, forecasts, anomalies, status).")
+    bind: str = _opt("127.0.0.1", "Listen address; beyond loopback a token or basic auth is required.")
+    port: int = _opt(9850, "Listen port.", min=1, max=65535)
+    token: str = _opt("", "Access token: 'Authorization: Bearer <token>' or ?token=<token> once (sets a cookie).")
+    basic_user: str = _opt("", "HTTP basic auth user name (with basic_password).")
+    basic_password: str = _opt("", "HTTP basic auth password.")
+    allow_unauthenticated: bool = _opt(False, "Allow a non-loopback bind without token or basic auth.")
+    max_points: int = _opt(2000, "Values per chart at most (min/max downsampling).", min=100, max=20000)
+
+
+@dataclass(frozen=True)
+class MaintenanceSection:
+    enabled: bool = _opt(True, "Score the failure-risk model pushed by the fleet (kind maintenance) when one is installed.")
+    score_every_s: float = _opt(3600.0, "Seconds between failure-risk scores.", min=10.0)
+    warning_risk: float = _opt(0.0, "Risk that opens a warning; 0 uses the model's own threshold.", min=0.0, max=1.0)
+    critical_risk: float = _opt(0.0, "Risk that makes it critical; 0 uses the model's own threshold.", min=0.0, max=1.0)
+    top_features: int = _opt(3, "Contributing features reported with the risk.", min=0, max=20)
+    close_after: int = _opt(2, "Scores below warning that close a failure-risk episode.", min=1)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
@@ -141,6 +250,11 @@ class AgentConfig:
     models: ModelsSection = field(default_factory=ModelsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     health: HealthSection = field(default_factory=HealthSection)
+    detect: DetectSection = field(default_factory=DetectSection)
+    forecast: ForecastSection = field(default_factory=ForecastSection)
+    clusters: ClustersSection = field(default_factory=ClustersSection)
+    web: WebSection = field(default_factory=WebSection)
+    maintenance: MaintenanceSection = field(default_factory=MaintenanceSection)
     source: str = ""  # where the configuration came from, for status and logs
 
     @property
@@ -153,67 +267,7 @@ class AgentConfig:
 
 
 def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(AgentConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(AgentConfig) if f.name != "source"}
-
-
-def _unknown(kind: str, name: str, allowed: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, allowed, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown {kind} '{name}'{hint}; allowed: {', '.join(sorted(allowed))}")
-
-
-def _coerce(key: str, value: Any, kind: Any, from_env: bool) -> Any:
-    """Turn a TOML or environment value into the field's type, or say what is allowed."""
-    origin = typing.get_origin(kind)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return str(value).lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_env:
-            try:
-                return int(str(value).strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_env:
-            try:
-                return float(str(value).strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if kind is Path:
-        if isinstance(value, str) and value:
-            return Path(value).expanduser()
-        raise ConfigError(f"{key}: expected a non-empty path, got {value!r}")
-    if origin is tuple:
-        if from_env and isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {kind}")  # pragma: no cover - programming error
-
-
-def _check_rules(key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{key}: must be >= {meta['min']}, got {value!r}")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{key}: must be <= {meta['max']}, got {value!r}")
+    return section_types(AgentConfig, exclude=("source",))
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -225,28 +279,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
         rest = name[len(ENV_PREFIX):].lower()
         section = next((s for s in sections if rest.startswith(s + "_")), None)
         if section is None:
-            raise ConfigError(f"environment {name}: " + str(_unknown("section", rest.split("_")[0], list(sections))))
+            raise ConfigError(f"environment {name}: "
+                              + str(unknown("section", rest.split("_")[0], list(sections), ConfigError)))
         out.setdefault(section, {})[rest[len(section) + 1:]] = value
     return out
-
-
-def _build_section(name: str, cls: type, raw: Mapping[str, Any], env: Mapping[str, str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in list(raw) + list(env):
-        if key not in fields:
-            raise _unknown("key", f"{name}.{key}", [f"{name}.{k}" for k in fields])
-    values: dict[str, Any] = {}
-    for key, f in fields.items():
-        if key in env:
-            value = _coerce(f"{name}.{key} (from {ENV_PREFIX}{name.upper()}_{key.upper()})", env[key], hints[key], True)
-        elif key in raw:
-            value = _coerce(f"{name}.{key}", raw[key], hints[key], False)
-        else:
-            continue
-        _check_rules(f"{name}.{key}", value, f.metadata)
-        values[key] = value
-    return cls(**values)
 
 
 def parse(data: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: str = "") -> AgentConfig:
@@ -255,11 +291,11 @@ def parse(data: Mapping[str, Any], environ: Mapping[str, str] | None = None, sou
     sections = _sections()
     for name, value in data.items():
         if name not in sections:
-            raise _unknown("section", name, list(sections))
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a [{name}] table, got {value!r}")
+            raise unknown("section", name, list(sections), ConfigError)
     env = _env_overrides(environ)
-    built = {name: _build_section(name, cls, data.get(name, {}), env.get(name, {})) for name, cls in sections.items()}
+    built = {name: build_section(name, cls, data.get(name, {}), env.get(name, {}), env_prefix=ENV_PREFIX,
+                                 error=ConfigError)
+             for name, cls in sections.items()}
     if not built["agent"].device_id:
         built["agent"] = dataclasses.replace(built["agent"], device_id=socket.gethostname())
     _check_cross_field(built)
@@ -299,34 +335,12 @@ def load(cli_path: str | None = None, environ: Mapping[str, str] | None = None) 
     path = resolve_path(cli_path, environ)
     if path is None:
         return parse({}, environ, source="built-in default")
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
-    except PermissionError:
-        raise ConfigError(f"config file {path}: permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path}: is a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
-    return parse(data, environ, source=str(path))
+    return parse(read_toml(path, ConfigError), environ, source=str(path))
 
 
 def reference() -> list[tuple[str, str, Any, str]]:
     """(key, type, default, doc) for every key: feeds the README table and a consistency test."""
-    rows = []
-    for name, cls in _sections().items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            kind = hints[f.name]
-            kind_name = "list of strings" if typing.get_origin(kind) is tuple else getattr(kind, "__name__", str(kind))
-            rows.append((f"{name}.{f.name}", kind_name, default, f.metadata.get("doc", "")))
-    return rows
-
-
-__all__ = ["AgentConfig", "ConfigError", "load", "parse", "reference", "resolve_path"]
+    return reference_rows(_sections())
 
 
 def reference_markdown() -> str:
@@ -345,7 +359,19 @@ def reference_markdown() -> str:
     return "\n".join(out[1:]) + "\n"
 
 
-if __name__ == "__main__":  # python -m agent.config > the README's reference tables
+def write_readme(path: Path) -> None:
+    """Replace the README's generated tables (between the config-reference markers)."""
+    text = path.read_text(encoding="utf-8")
+    begin, end = "<!-- config-reference:begin -->\n", "<!-- config-reference:end -->"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + begin + reference_markdown() + end + tail, encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m agent.config [README.md]: print the tables, or rewrite them in place
     import sys
 
-    sys.stdout.write(reference_markdown())
+    if len(sys.argv) > 1:
+        write_readme(Path(sys.argv[1]))
+    else:
+        sys.stdout.write(reference_markdown())

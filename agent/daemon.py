@@ -290,7 +290,7 @@ def health_params(config: AgentConfig) -> HealthParams:
 
 def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
     """The components a configuration asks for, sinks first (they start before sources)."""
-    from agent.detection import DetectionComponent
+    from agent.detection import DetectionComponent, detect_params, training_schedule
     from agent.model_manager import ManagerParams, ModelManager
     from agent.reporter import Reporter
 
@@ -327,7 +327,24 @@ def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
         components.append(server)
     components.append(manager)  # after the publisher (its events need the emitter), before its consumers
     config_path = config.source if config.source and config.source != "built-in default" else None
-    components.append(DetectionComponent(config_path=config_path))
+    components.append(DetectionComponent(params=detect_params(config.detect), schedule=training_schedule(config.detect),
+                                         config_path=config_path))
+    if config.forecast.enabled:
+        from agent.forecasting import ForecastComponent, params_from_section
+
+        components.append(ForecastComponent(params_from_section(config.forecast)))
+    if config.clusters.enabled:
+        from agent.cluster_watch import ClusterWatch, params_from_section as cluster_params
+
+        components.append(ClusterWatch(cluster_params(config.clusters)))
+    if config.web.enabled:
+        from agent.web import WebComponent, params_from_section as web_params
+
+        components.append(WebComponent(web_params(config.web)))
+    if config.maintenance.enabled:
+        from agent.maintenance import MaintenanceComponent, params_from_section as maintenance_params
+
+        components.append(MaintenanceComponent(maintenance_params(config.maintenance)))
     components.append(reporter)
     return components
 

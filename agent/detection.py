@@ -29,7 +29,10 @@ from agent.events import EventLog
 from agent.outbox import PRIORITY_HIGH
 from agent.sampling import Sample
 from models.detect import DetectParams, Detector
+from models.episodes import EpisodeParams
 from models.forest import load_forest_model
+from models.severity import SeverityParams
+from models.zscore import ZScoreParams
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,33 @@ class TrainingSchedule:
     retrain_interval_s: float = 86400.0
     retry_after_s: float = 600.0      # after a failed training attempt
     timeout_s: float = 1800.0
+    wait_s: float = 30.0              # re-count the buffered samples this often while too few
+
+
+def detect_params(section: Any) -> DetectParams:
+    """[detect] configuration -> the detector's own params (duck-typed: any object with the keys)."""
+    return DetectParams(
+        features=tuple(section.features), window_stats=section.window_stats, stats_window=section.stats_window,
+        zscore=ZScoreParams(window=section.zscore_window, warmup=section.zscore_warmup),
+        severity=SeverityParams(z_warning=section.z_warning, z_critical=section.z_critical,
+                                explain_top_k=section.explain_top_k),
+        episodes=EpisodeParams(open_after=section.open_after, close_after=section.close_after),
+        use_forest=section.use_forest, daily_profile=section.daily_profile,
+    )
+
+
+def training_schedule(section: Any) -> TrainingSchedule:
+    return TrainingSchedule(bootstrap=section.forest_bootstrap and section.use_forest,
+                            min_samples=section.forest_train_after,
+                            retrain_interval_s=section.forest_retrain_every_s)
+
+
+def forest_params(section: Any) -> Any:
+    """[detect] forest_* keys -> models.training.forest.ForestParams (training commands only)."""
+    from models.training.forest import ForestParams
+
+    return ForestParams(n_estimators=section.forest_n_estimators, contamination=section.forest_contamination,
+                        min_samples=section.forest_train_after)
 
 
 def anomaly_payload(device_id: str, now_s: float, event: dict[str, Any]) -> dict[str, Any]:
@@ -155,9 +185,12 @@ class DetectionComponent:
         if installed and self._installed_from_fleet():
             self._next_training_mono = now_mono_s + self.schedule.retrain_interval_s
             return  # the fleet ships this device's model: local training would only be ignored
-        if self.detector.n_samples < self.schedule.min_samples and not installed:
-            if self._stored_samples() < self.schedule.min_samples:
-                self._next_training_mono = now_mono_s + 30.0
+        # Headroom: the first sample (no rates yet) and samples inside anomaly episodes are not training
+        # rows, so starting at exactly min_samples would fail the trainer's own count.
+        needed = self.schedule.min_samples + max(10, self.schedule.min_samples // 5)
+        if self.detector.n_samples < needed and not installed:
+            if self._stored_samples() < needed:
+                self._next_training_mono = now_mono_s + self.schedule.wait_s
                 return
         if importlib.util.find_spec("sklearn") is None:
             if not self._warned_no_sklearn:

@@ -75,7 +75,11 @@ def default_loaders() -> dict[str, Callable[[Path], Any]]:
 
         return LSTMForecaster.from_dir(model_dir)
 
-    return {"forest": load_forest_model, "lstm": load_lstm}
+    from models.clusters import load_cluster_model
+    from models.maintenance import load_maintenance_model
+
+    return {"forest": load_forest_model, "lstm": load_lstm, "cluster": load_cluster_model,
+            "maintenance": load_maintenance_model}
 
 
 def usable_trusted_keys(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:

@@ -27,6 +27,7 @@ Snapshot keys (all optional; absent keys produce no series)::
     models: [{"kind": str, "version": int,
               "inference_s_sum": float, "inference_count": int}]
     forecast_coverage: [{"metric": str, "level": float, "coverage": float}]
+    forecast_mase: [{"metric": str, "model": str, "mase": float}]
 """
 from __future__ import annotations
 
@@ -182,6 +183,14 @@ def build_families(snapshot: Mapping[str, Any], snapshot_age_s: float | None = N
             coverage.add(number, metric=row["metric"], level=format_value(float(level)))
     if coverage.samples:
         fams.append(coverage)
+    mase = Family("forecast_mase", "gauge",
+                  "Rolling MAE of the published forecaster over the one-step naive MAE (< 1 beats naive), by metric.")
+    for row in snapshot.get("forecast_mase") or ():
+        number = _number(row.get("mase")) if isinstance(row, Mapping) else None
+        if number is not None and isinstance(row.get("metric"), str):
+            mase.add(number, metric=row["metric"], model=str(row.get("model", "")))
+    if mase.samples:
+        fams.append(mase)
     return fams
 
 

@@ -51,19 +51,22 @@ def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = 
                  now_s: float | None = None) -> dict[str, Any]:
     """Fit the Isolation Forest on clean history and install it as the device's local model."""
     try:
-        from models.training.forest import ForestParams, NotEnoughSamples, train_forest_from_rows
+        from models.training.forest import NotEnoughSamples, train_forest_from_rows
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise TrainingError(f"scikit-learn is not installed ({exc}); install the 'train' extra") from None
     from models.features import select_feature_names
 
-    params = params or ForestParams()
+    if params is None:  # the same [detect] keys the daemon's detector and schedule use
+        from agent.detection import forest_params
+
+        params = forest_params(cfg.detect)
     now_s = time.time() if now_s is None else now_s
     store = Store(cfg.db_path)
     if not store.available:
         raise TrainingError(f"database {cfg.db_path} cannot be opened")
     try:
         rows = clean_rows(store, window, now_s)
-        features = select_feature_names(rows)
+        features = select_feature_names(rows, cfg.detect.features)
         if not features:
             raise TrainingError(f"no usable feature in {len(rows)} clean samples")
         updater = _updater(cfg, store)
@@ -86,3 +89,59 @@ def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = 
     log.info("forest v%s trained on %d samples x %d features and installed", decision.version, meta.get("n_samples"),
              len(features))
     return {"kind": "forest", "version": decision.version, "n_samples": meta.get("n_samples"), "features": list(features)}
+
+
+def train_forecaster(cfg: AgentConfig, window: TrainingWindow = TrainingWindow(),
+                     now_s: float | None = None) -> dict[str, Any]:
+    """Fit the LSTM forecaster on this device's history ([forecast] metrics, step means) and install it
+    as the device's local ``lstm`` model; the running daemon picks it up within ``poll_interval_s``.
+
+    Unlike the forest, anomaly episodes stay in: a forecaster has to know what really happens next.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        raise TrainingError("TensorFlow is not installed (install the 'train' extra)")
+    from agent.forecasting import params_from_section, step_means, wanted_metrics
+    from models.training.lstm import ConversionMismatch, LSTMParams, NotEnoughHistory, train_lstm_from_rows
+
+    fc = cfg.forecast
+    engine = params_from_section(fc).engine
+    params = LSTMParams(seq_len=fc.train_seq_len, horizon=fc.horizon, units=fc.train_units, epochs=fc.train_epochs)
+    store = Store(cfg.db_path)
+    if not store.available:
+        raise TrainingError(f"database {cfg.db_path} cannot be opened")
+    try:
+        if now_s is None:  # the newest stored week, whatever the wall clock says now (a Pi without RTC)
+            now_s = store.sample_stats()["newest"] or time.time()
+        names = wanted_metrics(store.metric_names(), engine)
+        rows = step_means(store, now_s - window.window_s, fc.step_s, names, until_s=now_s, max_rows=window.max_rows)
+        # a metric missing from more than a tenth of the steps (no sensor, a new mount) would cut the history
+        metrics = [m for m in names if sum(m in v for _, v in rows) >= 0.9 * len(rows)] if rows else []
+        if not metrics:
+            raise TrainingError(f"no forecast metric with enough history in {len(rows)} steps of {fc.step_s:g} s")
+        updater = _updater(cfg, store)
+        staging = Path(tempfile.mkdtemp(prefix="train-", dir=cfg.agent.state_dir))
+        try:
+            model_dir = staging / "lstm"
+            try:
+                meta = train_lstm_from_rows(rows, metrics, model_dir, updater.next_local_version("lstm"), params,
+                                            step_s=fc.step_s)
+            except NotEnoughHistory as exc:
+                raise TrainingError(f"not enough history for the LSTM: {exc}") from None
+            except ConversionMismatch as exc:
+                raise TrainingError(f"the converted LSTM was not shipped: {exc}") from None
+            decision = updater.install_local("lstm", model_dir)
+            if decision.event:
+                updater.queue_event(decision.event)  # the running daemon publishes it
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        store.close()
+    if not decision.accepted:
+        raise TrainingError(f"trained LSTM not installed: {decision.reason}")
+    val = meta.get("validation") or {}
+    log.info("LSTM v%s trained on %d steps of %s and installed", decision.version, len(rows), ", ".join(metrics))
+    return {"kind": "lstm", "version": decision.version, "n_steps": len(rows), "metrics": metrics,
+            "step_s": fc.step_s, "validation_mae": val.get("mae"), "naive_mae": val.get("naive_mae"),
+            "epochs_run": (meta.get("training") or {}).get("epochs_run")}

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fleet.commands import register as register_fleet_loop
 
     COMMANDS.update(register_fleet_loop(sub))
+    from fleet.serve import register as register_serve; COMMANDS.update(register_serve(sub))  # noqa: E702
+    from fleet.maintenance_cli import register as register_maintenance; COMMANDS.update(register_maintenance(sub))  # noqa: E702,E501
+    from fleet.clusters import register as register_clusters; COMMANDS.update(register_clusters(sub))  # noqa: E702
     return parser
 
 

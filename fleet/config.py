@@ -12,25 +12,24 @@ the store, the artefacts and the signing key live under it unless configured.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from models.settings import (SettingsError, build_section, option, read_toml, reference_rows, section_types,
+                             unknown)
 
 ENV_PREFIX = "EDGE_FLEET_"
 ENV_CONFIG = "EDGE_FLEET_CONFIG"
 SYSTEM_CONFIG = Path("/etc/edge-fleet/fleet.toml")
 
 
-class FleetConfigError(ValueError):
+class FleetConfigError(SettingsError):
     """A configuration value is missing, malformed or out of range."""
 
 
-def _opt(default: Any, doc: str, **rules: Any) -> Any:
-    return field(default=default, metadata={"doc": doc, **rules})
+_opt = option
 
 
 def default_state_dir() -> str:
@@ -179,73 +178,15 @@ class FleetConfig:
         return self.store.url or f"sqlite:///{self.state_dir / 'fleet.db'}"
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(FleetConfig) if f.name not in ("groups", "path")}
-
-
 def _section_classes() -> dict[str, type]:
-    hints = typing.get_type_hints(FleetConfig)
-    return {name: hints[name] for name in _SECTIONS}
+    return section_types(FleetConfig, exclude=("groups", "path"))
 
 
-def _coerce(section: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
-    key = f"{section}.{f.name}"
-    origin = typing.get_origin(hint)
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    value = True
-                elif low in ("0", "false", "no", "off"):
-                    value = False
-                else:
-                    raise ValueError
-            if not isinstance(value, bool):
-                raise ValueError
-        elif hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif hint is float:
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        elif hint is str:
-            if not isinstance(value, str):
-                raise ValueError
-        elif origin is tuple:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError
-            value = tuple(value)
-    except (TypeError, ValueError):
-        kind = getattr(hint, "__name__", None) or "list of strings"
-        raise FleetConfigError(f"{key}: expected {kind}, got {value!r}") from None
-    meta = f.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        raise FleetConfigError(f"{key}: must be one of {', '.join(meta['choices'])}, got {value!r}")
-    if "min" in meta and value < meta["min"]:
-        raise FleetConfigError(f"{key}: must be >= {meta['min']}, got {value!r}")
-    if "max" in meta and value > meta["max"]:
-        raise FleetConfigError(f"{key}: must be <= {meta['max']}, got {value!r}")
-    return value
-
-
-def _build_section(name: str, cls: type, raw: Mapping[str, Any], env: Mapping[str, str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise FleetConfigError(f"{name}.{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    values: dict[str, Any] = {}
-    for fname, f in fields.items():
-        env_key = f"{ENV_PREFIX}{name.upper()}_{fname.upper()}"
-        if env_key in env:
-            values[fname] = _coerce(name, f, env[env_key], hints[fname])
-        elif fname in raw:
-            values[fname] = _coerce(name, f, raw[fname], hints[fname])
-    return cls(**values)
+def _env_values(name: str, cls_fields: Any, env: Mapping[str, str]) -> dict[str, str]:
+    """{key: value} of the EDGE_FLEET_<SECTION>_<KEY> variables set for one section."""
+    prefix = f"{ENV_PREFIX}{name.upper()}_"
+    return {k[len(prefix):].lower(): v for k, v in env.items()
+            if k.startswith(prefix) and k[len(prefix):].lower() in cls_fields}
 
 
 def _groups(raw: Any) -> dict[str, tuple[str, ...]]:
@@ -263,15 +204,15 @@ def _groups(raw: Any) -> dict[str, tuple[str, ...]]:
 
 def config_from_dict(doc: Mapping[str, Any], env: Mapping[str, str] | None = None, path: str = "") -> FleetConfig:
     env = os.environ if env is None else env
-    unknown = sorted(set(doc) - set(_SECTIONS) - {"groups"})
-    if unknown:
-        raise FleetConfigError(f"[{unknown[0]}]: unknown section (known: {', '.join(sorted(_SECTIONS))}, groups)")
+    classes = _section_classes()
+    for name in doc:
+        if name not in classes and name != "groups":
+            raise unknown("section", name, [*classes, "groups"], FleetConfigError)
     sections = {}
-    for name, cls in _section_classes().items():
-        raw = doc.get(name, {})
-        if not isinstance(raw, dict):
-            raise FleetConfigError(f"[{name}]: expected a table")
-        sections[name] = _build_section(name, cls, raw, env)
+    for name, cls in classes.items():
+        keys = {f for f in cls.__dataclass_fields__}
+        sections[name] = build_section(name, cls, doc.get(name, {}), _env_values(name, keys, env),
+                                       env_prefix=ENV_PREFIX, error=FleetConfigError)
     return FleetConfig(**sections, groups=_groups(doc.get("groups")), path=path)
 
 
@@ -283,25 +224,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         chosen = SYSTEM_CONFIG
     if chosen is None:
         return config_from_dict({}, env)
-    try:
-        with open(chosen, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise FleetConfigError(f"configuration file {chosen} does not exist") from None
-    except OSError as exc:
-        raise FleetConfigError(f"cannot read {chosen}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise FleetConfigError(f"{chosen}: not valid TOML: {exc}") from None
-    return config_from_dict(doc, env, str(chosen))
+    return config_from_dict(read_toml(chosen, FleetConfigError), env, str(chosen))
 
 
 def describe() -> list[tuple[str, str, Any, str]]:
     """(key, type, default, meaning) of every key: the README table and the example file."""
-    rows = []
-    for name, cls in _section_classes().items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            tname = hint.__name__ if hasattr(hint, "__name__") and typing.get_origin(hint) is None else "list"
-            rows.append((f"{name}.{f.name}", tname, f.default, f.metadata.get("doc", "")))
-    return rows
+    return reference_rows(_section_classes())

@@ -44,6 +44,8 @@ from models.bundle import Target, parse_target
 
 log = logging.getLogger(__name__)
 
+TRAINED_KINDS = ("forest", "lstm")   # what ``edge-fleet train`` produces: one model family
+
 STATUSES = ("candidate", "champion", "retired")
 KIND_DIRS = ("forest", "lstm")
 BUNDLE_FILE = "bundle.tar"
@@ -174,8 +176,11 @@ class Registry:
             raise RegistryError(f"no model version {version} for {label}")
         return rec
 
-    def champion(self, target: Target) -> ModelRecord | None:
+    def champion(self, target: Target, kinds: Sequence[str] | None = TRAINED_KINDS) -> ModelRecord | None:
+        """The champion among versions holding one of ``kinds`` (None: any kind). Each family of
+        models (forest + LSTM from ``train``, maintenance, cluster) has its own champion per target."""
         rows = self._rows("target = ? AND status = 'champion'", (target.label,), "version DESC")
+        rows = [r for r in rows if _has_kind(r, kinds)]
         return rows[0] if rows else None
 
     def list(self, target: Target | None = None, status: str | None = None) -> list[ModelRecord]:
@@ -191,9 +196,9 @@ class Registry:
     def targets(self) -> list[str]:
         return [r[0] for r in self.store.query("SELECT DISTINCT target FROM model_registry ORDER BY target")]
 
-    def last_trained_s(self, target: Target) -> float | None:
-        row = self.store.one("SELECT MAX(created_s) FROM model_registry WHERE target = ?", (target.label,))
-        return None if row is None or row[0] is None else float(row[0])
+    def last_trained_s(self, target: Target, kinds: Sequence[str] | None = TRAINED_KINDS) -> float | None:
+        created = [r.created_s for r in self.list(target) if _has_kind(r, kinds)]
+        return max(created) if created else None
 
     def set_comparison(self, target: Target, version: int, comparison: Mapping[str, Any]) -> None:
         with self.store.transaction():
@@ -207,17 +212,22 @@ class Registry:
         if rec.status == "champion":
             return rec
         s = self.store
+        # only the champion of the same family steps down (a cluster model never retires the forest)
+        previous = [r.version for r in self._rows("target = ? AND status = 'champion'", (target.label,))
+                    if set(r.kinds) & set(rec.kinds)]
         with s.transaction():
-            s.execute("UPDATE model_registry SET status = 'retired', status_changed_s = ? "
-                      "WHERE target = ? AND status = 'champion'", (now, target.label))
+            for v in previous:
+                s.execute("UPDATE model_registry SET status = 'retired', status_changed_s = ? "
+                          "WHERE target = ? AND version = ?", (now, target.label, v))
             s.execute("UPDATE model_registry SET status = 'champion', status_changed_s = ?, promoted_s = ? "
                       "WHERE target = ? AND version = ?", (now, now, target.label, int(version)))
         log.info("%s: v%d is the champion", target.label, version)
         return self.require(target, version)
 
-    def previous_champion(self, target: Target) -> ModelRecord | None:
+    def previous_champion(self, target: Target, kinds: Sequence[str] | None = TRAINED_KINDS) -> ModelRecord | None:
         rows = self._rows("target = ? AND status = 'retired' AND promoted_s IS NOT NULL", (target.label,),
                           "promoted_s DESC, version DESC")
+        rows = [r for r in rows if _has_kind(r, kinds)]
         return rows[0] if rows else None
 
     def mark_published(self, target: Target, version: int, bundle_path: str | Path,
@@ -373,6 +383,10 @@ def publish_record(config: FleetConfig, registry: Registry, record: ModelRecord)
     registry.mark_published(record.target_obj, record.version, path)
     log.info("%s: published v%d on %s (%s)", record.target, record.version, topic, what)
     return topic, what
+
+
+def _has_kind(rec: ModelRecord, kinds: Sequence[str] | None) -> bool:
+    return kinds is None or bool(set(rec.kinds) & set(kinds))
 
 
 def promote_version(config: FleetConfig, registry: Registry, target: Target, version: int, *,

@@ -2,7 +2,10 @@
 
 The daemon calls ``detector.update(ts_s, values)`` once per sample and gets back
 ``(RowResult, events)``; events are the episode dicts of models.episodes. The
-z-score runs from the first sample; a forest is plugged in (or swapped) with
+z-score runs from the first sample; base metrics are also scored against their
+time-of-day profile (models.zscore.DailyProfileZ; anomaly_score only, it does not
+set severity: a daily z is noisier than a window z and an hour-shifted cron job
+should not page anyone); a forest is plugged in (or swapped) with
 ``set_forest(model)`` when one has been trained or received. The forest has its
 own FeatureBuilder on the model's saved feature names, so a model never sees
 columns in another order than it was trained on.
@@ -20,7 +23,7 @@ from models.features import DEFAULT_FEATURES, FeatureBuilder, derived_names
 from models.forest import ForestModel
 from models.severity import (CalibratorParams, SeverityParams, SurpriseCalibrator, combine, explain, forest_z, gate,
                              severity_rank)
-from models.zscore import RollingZScore, ZScoreParams
+from models.zscore import DailyProfileParams, DailyProfileZ, RollingZScore, ZScoreParams
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class DetectParams:
     calibrator: CalibratorParams = field(default_factory=CalibratorParams)
     episodes: EpisodeParams = field(default_factory=EpisodeParams)
     use_forest: bool = True
+    daily_profile: bool = True       # also score base metrics against their time-of-day profile
+    daily: DailyProfileParams = field(default_factory=DailyProfileParams)
 
     @property
     def z_features(self) -> tuple[str, ...]:
@@ -63,9 +68,14 @@ class Detector:
         self.z_names = params.z_features
         self.features = FeatureBuilder(self.z_names)
         self.zscore = RollingZScore(len(self.z_names), params.zscore)
-        # one calibrator column per z feature, plus one for the forest (0 until a forest exists)
-        self.calibrator = SurpriseCalibrator(len(self.z_names) + 1, params.calibrator)
-        self._cols = np.zeros(len(self.z_names) + 1)
+        # base metrics (no derived suffix) also get a time-of-day z (anomaly_score only, see severity.py)
+        self._daily_idx = np.array([i for i, n in enumerate(self.z_names) if "|" not in n] if params.daily_profile
+                                   else [], dtype=np.intp)
+        self.daily = DailyProfileZ(len(self._daily_idx), params.daily) if len(self._daily_idx) else None
+        # calibrator columns: one per z feature, one per daily z, one for the forest (0 until a forest exists)
+        n_cols = len(self.z_names) + len(self._daily_idx) + 1
+        self.calibrator = SurpriseCalibrator(n_cols, params.calibrator)
+        self._cols = np.zeros(n_cols)
         self.episodes = EpisodeTracker(params.episodes)
         self.forest: ForestModel | None = None
         self._forest_features: FeatureBuilder | None = None
@@ -106,7 +116,10 @@ class Detector:
         thresholds = self.forest.thresholds if self.forest is not None else None
         score, sev = combine(z_max, anomaly, thresholds, p.severity)
         cols = self._cols
-        cols[:-1] = abs_z
+        nz = len(abs_z)
+        cols[:nz] = abs_z
+        if self.daily is not None:
+            cols[nz:-1] = np.abs(self.daily.update(ts_s, x[self._daily_idx], p.zscore))
         cols[-1] = forest_z(anomaly, thresholds, p.severity) if anomaly is not None else 0.0
         anomaly_score = self.calibrator.update(cols)
         sev = gate(sev, anomaly_score, p.severity)

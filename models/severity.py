@@ -21,7 +21,8 @@ z-score contributes. Optionally (``anomaly_gate > 0``) a row whose anomaly_score
 
 anomaly_score
 -------------
-``SurpriseCalibrator`` (below): each column's score relative to its own recent
+``SurpriseCalibrator`` (below) over the columns |z| per feature, |daily z| per base
+metric (time-of-day profile) and the forest on the z scale: each column's score relative to its own recent
 maximum, combined by max, squashed to [0, 1) and damped while an incident is
 already known (refractory). It is the ranked, continuous signal for thresholds
 and benchmarks; severity stays threshold based (interpretable, in z units).

@@ -21,6 +21,7 @@ series that moves is flagged with a large but finite z.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,10 +49,17 @@ class ZScoreParams:
 def robust_center_scale(buf: np.ndarray, params: ZScoreParams) -> tuple[np.ndarray, np.ndarray]:
     """Median and sigma-consistent scale per column of ``buf`` (rows = samples)."""
     if np.isnan(buf).any():
-        med = np.nanmedian(buf, axis=0)
-        dev = np.abs(buf - med)
-        mad = np.nanmedian(dev, axis=0)
-        meanad = np.nanmean(dev, axis=0)
+        # a feature never observed (no temperature sensor) has an all-NaN column: its center and
+        # scale stay NaN (z = 0) and numpy is not asked for the median of nothing
+        seen = ~np.isnan(buf).all(axis=0)
+        med = np.full(buf.shape[1], np.nan)
+        mad = np.full(buf.shape[1], np.nan)
+        meanad = np.full(buf.shape[1], np.nan)
+        if seen.any():
+            b = buf[:, seen]
+            m = np.nanmedian(b, axis=0)
+            dev = np.abs(b - m)
+            med[seen], mad[seen], meanad[seen] = m, np.nanmedian(dev, axis=0), np.nanmean(dev, axis=0)
     else:
         med = np.median(buf, axis=0)
         dev = np.abs(buf - med)
@@ -139,3 +147,66 @@ def rolling_zscores(X: np.ndarray, params: ZScoreParams = ZScoreParams()) -> np.
             learnt.append(i)
             since += 1
     return out
+
+
+@dataclass(frozen=True)
+class DailyProfileParams:
+    buckets: int = 24              # slots per period (hours of the day)
+    period_s: float = 86400.0
+    memory_days: float = 4.0       # each slot's mean/deviation forget with this memory, in periods ...
+    min_days: float = 1.5          # ... and give no z before this many periods of samples were seen
+
+    def __post_init__(self) -> None:
+        if self.buckets < 1 or self.period_s <= 0 or self.memory_days <= 0 or self.min_days < 0:
+            raise ValueError("buckets >= 1, period_s > 0, memory_days > 0, min_days >= 0 required")
+
+
+class DailyProfileZ:
+    """z of each feature against the same time of day on previous days (contextual anomalies).
+
+    Why: the rolling median/MAD only knows the last ``window`` samples, so a value
+    that is ordinary for the day but wrong for the hour (a backup that did not run,
+    traffic flat at noon) is invisible to it. Per time-of-day slot this keeps an
+    exponentially weighted mean and mean absolute deviation (O(slots x features)
+    memory, a few vector ops per sample). The forgetting rate is set in days, not
+    samples: samples per slot per day are estimated from the observed spacing of
+    timestamps, so 1 s and 5 min data behave alike. A sample is scored before it
+    is learnt; z is 0 while its slot has seen fewer than ``min_days`` days.
+    """
+
+    def __init__(self, n_features: int, params: DailyProfileParams = DailyProfileParams()):
+        self.params = params
+        nb = params.buckets
+        self.mean = np.zeros((nb, n_features))
+        self.dev = np.zeros((nb, n_features))
+        self.count = np.zeros((nb, n_features))
+        self._last_ts: float | None = None
+        self._dt_s: float | None = None
+        self.center = np.full(n_features, np.nan)   # of the last scored sample's slot (for explanations)
+        self.scale = np.full(n_features, np.nan)
+
+    def update(self, ts_s: float, x: np.ndarray, zparams: ZScoreParams = ZScoreParams()) -> np.ndarray:
+        p = self.params
+        slot_s = p.period_s / p.buckets
+        if self._last_ts is not None and ts_s > self._last_ts:
+            dt = min(ts_s - self._last_ts, slot_s)
+            self._dt_s = dt if self._dt_s is None else self._dt_s + 0.01 * (dt - self._dt_s)
+        self._last_ts = ts_s
+        per_day = slot_s / self._dt_s if self._dt_s else math.inf   # samples per slot per period
+        k = int((ts_s % p.period_s) // slot_s) % p.buckets
+        x = np.asarray(x, dtype=np.float64)
+        mean, dev, cnt = self.mean[k], self.dev[k], self.count[k]
+        scale = MEANAD_TO_SIGMA * dev + zparams.min_scale_abs + zparams.min_scale_rel * np.abs(mean)
+        ok = ~np.isnan(x)
+        ready = ok & (cnt >= p.min_days * per_day) & (cnt > 0)
+        z = np.zeros(len(x))
+        z[ready] = np.clip((x[ready] - mean[ready]) / scale[ready], -zparams.clip, zparams.clip)
+        self.center, self.scale = np.where(ready, mean, np.nan), np.where(ready, scale, np.nan)
+        # learn: running mean until the memory is reached, then exponential forgetting
+        cnt[ok] += 1
+        alpha = np.maximum(1.0 / np.maximum(cnt[ok], 1), 1.0 / max(p.memory_days * per_day, 1.0))
+        d = x[ok] - mean[ok]
+        mean[ok] += alpha * d
+        first = cnt[ok] == 1
+        dev[ok] += np.where(first, 0.0, alpha * (np.abs(x[ok] - mean[ok]) - dev[ok]))
+        return z

@@ -113,8 +113,11 @@ def test_train_from_rows_writes_model_dir(tmp_path):
     model = load_forest_model(d)
     X = build_matrix(rows, names)[1:]
     a = -model.forest.score_samples(X)
-    # warning is the (1 - contamination) quantile of the training scores
-    assert abs((a >= th["warning"]).mean() - 0.01) <= 0.01
+    # warning is the (1 - contamination) quantile of the training scores plus the small-sample margin
+    q = float(np.quantile(a, 0.99))
+    m = 0.35 * (np.sqrt(1000 / len(a)) - 1)
+    assert th["warning"] == pytest.approx(q + m * (q - th["median"]), rel=1e-6)
+    assert (a >= th["warning"]).mean() <= 0.01
     with pytest.raises(FileExistsError):
         write_model_dir(d, model.forest, meta)
     write_model_dir(d, model.forest, {**meta, "version": 4}, replace=True)
@@ -122,3 +125,21 @@ def test_train_from_rows_writes_model_dir(tmp_path):
     with pytest.raises(NotEnoughSamples):
         train_forest_from_rows(rows[:50], names, ForestParams(), tmp_path / "small", version=1)
     assert not (tmp_path / "small").exists()
+
+
+def test_threshold_margin_shrinks_with_the_training_set():
+    """Few training rows: the in-sample quantile is unreliable, so warning sits further above it."""
+    from models.training.forest import calibrate_thresholds
+
+    rng = np.random.default_rng(1)
+    big = rng.normal(0.45, 0.03, 5000)
+    th_small = calibrate_thresholds(big[:100])
+    th_big = calibrate_thresholds(big)
+    th_mid = calibrate_thresholds(big[:400])
+    rel = [(t["warning"] - np.quantile(a, 0.99)) / (np.quantile(a, 0.99) - t["median"])
+           for t, a in ((th_small, big[:100]), (th_mid, big[:400]), (th_big, big))]
+    # ... and none from 1,000 rows on: the clearest outliers of a big set must still cross it
+    assert rel == pytest.approx([0.35 * (np.sqrt(10) - 1), 0.35 * (np.sqrt(2.5) - 1), 0.0], abs=1e-9)
+    assert th_small["median"] < th_small["warning"] < th_small["critical"]
+    assert calibrate_thresholds(big[:100], ForestParams(warning_margin=0.0))["warning"] == \
+        pytest.approx(np.quantile(big[:100], 0.99))

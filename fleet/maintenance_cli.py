@@ -1,0 +1,117 @@
+"""``edge-fleet simulate`` and ``edge-fleet maintenance train|evaluate``: parsers and handlers.
+
+Registered from fleet/cli.py (``COMMANDS.update(register(sub))``); handlers
+import their work lazily so ``edge-fleet --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+Handler = Callable[[argparse.Namespace], int]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fleet.simulate import SimParams, publish_mqtt, simulate_fleet, summary, write_csv, write_store
+
+    if not (args.out or args.store or args.mqtt):
+        print("edge-fleet simulate: say where: --out DIR, --store URL or --mqtt", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        params = SimParams(devices=args.devices, days=args.days, seed=args.seed, step_s=args.step_s,
+                           drift_devices=args.drift_devices,
+                           failure_rate_per_device_day=args.failure_rate,
+                           sudden_share=args.sudden_share, use_nab=not args.no_nab,
+                           **({"start_ts_s": args.start} if args.start is not None else {}))
+    except ValueError as exc:
+        print(f"edge-fleet simulate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    fleet = simulate_fleet(params)
+    out: dict[str, Any] = {"summary": summary(fleet)}
+    if args.out:
+        write_csv(fleet, args.out)
+        out["out"] = str(args.out)
+    if args.store:
+        from fleet.store import StoreError, open_store
+
+        try:
+            with open_store(args.store) as store:
+                out["store"] = write_store(fleet, store)
+        except StoreError as exc:
+            print(f"edge-fleet simulate: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.truth:
+            from pathlib import Path
+
+            Path(args.truth).write_text(json.dumps(fleet.truth(), indent=1), encoding="utf-8")
+    if args.mqtt:
+        try:
+            out["published"] = publish_mqtt(fleet, args.host, args.port, topic_prefix=args.topic_prefix)
+        except OSError as exc:
+            print(f"edge-fleet simulate: cannot publish to {args.host}:{args.port}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        s = out["summary"]
+        print(f"{s['devices']} devices, {s['days']} days, seed {s['seed']}: {s['samples']} samples, "
+              f"{s['failures']} failures {s['by_cause']}")
+        for k in ("out", "store", "published"):
+            if k in out:
+                print(f"{k}: {out[k]}")
+    return EXIT_OK
+
+
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    from fleet.maintenance import run_command
+
+    return run_command(args)
+
+
+def register(subparsers: Any) -> dict[str, Handler]:
+    p = subparsers.add_parser("simulate", help="simulate a fleet's histories with known failures")
+    p.add_argument("--devices", type=int, default=30, metavar="N")
+    p.add_argument("--days", type=float, default=14.0, metavar="D")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--step-s", type=float, default=300.0, metavar="S", help="sample interval (default 300)")
+    p.add_argument("--start", type=float, metavar="EPOCH_S", help="first sample time (default 1.7e9)")
+    p.add_argument("--drift-devices", type=int, default=0, metavar="N",
+                   help="devices that drift into another role's behaviour")
+    p.add_argument("--failure-rate", type=float, default=0.06, metavar="R", help="failures per device-day")
+    p.add_argument("--sudden-share", type=float, default=0.25, metavar="F", help="share without precursor")
+    p.add_argument("--no-nab", action="store_true", help="synthetic noise instead of NAB traces")
+    p.add_argument("--out", metavar="DIR", help="write <device>.csv, events.jsonl and truth.json here")
+    p.add_argument("--store", metavar="URL", help="write into a fleet store (sqlite:///PATH or postgresql://)")
+    p.add_argument("--truth", metavar="PATH", help="with --store: write the ground truth JSON here")
+    p.add_argument("--mqtt", action="store_true", help="publish as the devices would")
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--topic-prefix", default="devices/{device_id}")
+    p.add_argument("--json", action="store_true")
+
+    p = subparsers.add_parser("maintenance", help="predictive maintenance: train | evaluate")
+    msub = p.add_subparsers(dest="maintenance_command", metavar="ACTION", required=True)
+    for name, text in (("train", "build the dataset from the store, train, register (and publish)"),
+                       ("evaluate", "score a registered (or given) model on the store's history")):
+        q = msub.add_parser(name, help=text)
+        q.add_argument("--config", metavar="PATH", help="fleet config (default: $EDGE_FLEET_CONFIG, built-in)")
+        q.add_argument("--store", metavar="URL", help="fleet store URL (default: the config's)")
+        q.add_argument("--since", type=float, metavar="EPOCH_S", help="oldest sample used")
+        q.add_argument("--json", action="store_true")
+        q.add_argument("-v", "--verbose", action="count", default=0)
+        if name == "train":
+            q.add_argument("--out", metavar="DIR", help="also write the model directory here")
+            q.add_argument("--trees", type=int, default=100)
+            q.add_argument("--max-depth", type=int, default=8)
+            q.add_argument("--seed", type=int, default=0)
+            q.add_argument("--no-register", action="store_true", help="do not add it to the registry")
+            q.add_argument("--publish", action="store_true", help="promote and publish to the fleet")
+        else:
+            q.add_argument("--model", metavar="DIR", help="a model directory (default: the fleet champion)")
+    return {"simulate": cmd_simulate, "maintenance": cmd_maintenance}
