@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
+
+from agent.httpserve import LocalHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +211,9 @@ def freeze(value: Any) -> Any:
 
 # -- HTTP server -------------------------------------------------------------------
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(LocalHTTPServer):
     def __init__(self, address: tuple[str, int], exporter: "MetricsServer") -> None:
         self.exporter = exporter
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
 

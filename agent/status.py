@@ -17,10 +17,12 @@ from agent.store import quote_ident
 
 
 def open_readonly(path: Path) -> sqlite3.Connection | None:
-    if not path.exists():
+    """A read-only connection usable from any thread (the web page's), or None when there is no
+    database yet: readers never create the file or block the daemon's writes (WAL)."""
+    if not Path(path).exists():
         return None
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
         conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
         return conn
     except sqlite3.Error:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent.config import AgentConfig
 from agent.events import EventLog
@@ -47,6 +47,25 @@ def _updater(cfg: AgentConfig, store: Store) -> Any:
     return ModelUpdater(cfg.agent.state_dir, store.conn, cfg.models.trusted_keys, cfg.device_id, cfg.agent.groups)
 
 
+def _train_and_install(cfg: AgentConfig, store: Store, kind: str,
+                       fit: Callable[[Path, int], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """Train into a staging directory on the state filesystem (so the install is a rename), install it
+    as the device's local ``kind`` model and queue the decision for the running daemon to publish."""
+    updater = _updater(cfg, store)
+    staging = Path(tempfile.mkdtemp(prefix="train-", dir=cfg.agent.state_dir))
+    try:
+        model_dir = staging / kind
+        meta = fit(model_dir, updater.next_local_version(kind))
+        decision = updater.install_local(kind, model_dir)
+        if decision.event:
+            updater.queue_event(decision.event)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not decision.accepted:
+        raise TrainingError(f"trained {kind} not installed: {decision.reason}")
+    return decision, meta
+
+
 def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = TrainingWindow(),
                  now_s: float | None = None) -> dict[str, Any]:
     """Fit the Isolation Forest on clean history and install it as the device's local model."""
@@ -69,23 +88,16 @@ def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = 
         features = select_feature_names(rows, cfg.detect.features)
         if not features:
             raise TrainingError(f"no usable feature in {len(rows)} clean samples")
-        updater = _updater(cfg, store)
-        staging = Path(tempfile.mkdtemp(prefix="train-", dir=cfg.agent.state_dir))
-        try:
-            model_dir = staging / "forest"
+
+        def fit(model_dir: Path, version: int) -> dict[str, Any]:
             try:
-                meta = train_forest_from_rows(rows, features, params, model_dir, version=updater.next_local_version("forest"))
+                return train_forest_from_rows(rows, features, params, model_dir, version=version)
             except NotEnoughSamples as exc:
                 raise TrainingError(f"not enough clean samples: {exc}") from None
-            decision = updater.install_local("forest", model_dir)
-            if decision.event:
-                updater.queue_event(decision.event)  # the running daemon publishes it
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        decision, meta = _train_and_install(cfg, store, "forest", fit)
     finally:
         store.close()
-    if not decision.accepted:
-        raise TrainingError(f"trained forest not installed: {decision.reason}")
     log.info("forest v%s trained on %d samples x %d features and installed", decision.version, meta.get("n_samples"),
              len(features))
     return {"kind": "forest", "version": decision.version, "n_samples": meta.get("n_samples"), "features": list(features)}
@@ -120,26 +132,18 @@ def train_forecaster(cfg: AgentConfig, window: TrainingWindow = TrainingWindow()
         metrics = [m for m in names if sum(m in v for _, v in rows) >= 0.9 * len(rows)] if rows else []
         if not metrics:
             raise TrainingError(f"no forecast metric with enough history in {len(rows)} steps of {fc.step_s:g} s")
-        updater = _updater(cfg, store)
-        staging = Path(tempfile.mkdtemp(prefix="train-", dir=cfg.agent.state_dir))
-        try:
-            model_dir = staging / "lstm"
+
+        def fit(model_dir: Path, version: int) -> dict[str, Any]:
             try:
-                meta = train_lstm_from_rows(rows, metrics, model_dir, updater.next_local_version("lstm"), params,
-                                            step_s=fc.step_s)
+                return train_lstm_from_rows(rows, metrics, model_dir, version, params, step_s=fc.step_s)
             except NotEnoughHistory as exc:
                 raise TrainingError(f"not enough history for the LSTM: {exc}") from None
             except ConversionMismatch as exc:
                 raise TrainingError(f"the converted LSTM was not shipped: {exc}") from None
-            decision = updater.install_local("lstm", model_dir)
-            if decision.event:
-                updater.queue_event(decision.event)  # the running daemon publishes it
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        decision, meta = _train_and_install(cfg, store, "lstm", fit)
     finally:
         store.close()
-    if not decision.accepted:
-        raise TrainingError(f"trained LSTM not installed: {decision.reason}")
     val = meta.get("validation") or {}
     log.info("LSTM v%s trained on %d steps of %s and installed", decision.version, len(rows), ", ".join(metrics))
     return {"kind": "lstm", "version": decision.version, "n_steps": len(rows), "metrics": metrics,

@@ -36,14 +36,15 @@ import ipaddress
 import json
 import logging
 import re
-import socket
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from agent.httpserve import LocalHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +228,9 @@ class Authenticator:
 App = Callable[[str, Mapping[str, list[str]]], Response]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(LocalHTTPServer):
     def __init__(self, address: tuple[str, int], service: "HttpService") -> None:
         self.service = service
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
 

@@ -24,6 +24,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from agent.status import has_table, open_readonly  # noqa: F401  (webdata.open_readonly is the web's entry)
 from agent.store import quote_ident
 
 MAX_POINTS = 2000
@@ -37,22 +38,6 @@ COUNTER_METRICS = frozenset({"disk.readBytes", "disk.writeBytes", "network.bytes
 PREFERRED_ORDER = ("system.cpuUsage", "system.memoryPercent", "system.diskPercent", "system.load1",
                    "network.bytesReceivedPerSec", "network.bytesSentPerSec", "disk.readBytesPerSec",
                    "disk.writeBytesPerSec", "system.swapPercent", "system.temperature", "system.processCount")
-
-
-def open_readonly(path: Path) -> sqlite3.Connection | None:
-    """A read-only connection usable from any thread, or None when there is no database yet."""
-    if not Path(path).exists():
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
-        return conn
-    except sqlite3.Error:
-        return None
-
-
-def has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 def _finite(value: Any) -> float | None:

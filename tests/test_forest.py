@@ -115,7 +115,7 @@ def test_train_from_rows_writes_model_dir(tmp_path):
     a = -model.forest.score_samples(X)
     # warning is the (1 - contamination) quantile of the training scores plus the small-sample margin
     q = float(np.quantile(a, 0.99))
-    m = 0.35 * (np.sqrt(1000 / len(a)) - 1)
+    m = 0.5 * (np.sqrt(1000 / len(a)) - 1)
     assert th["warning"] == pytest.approx(q + m * (q - th["median"]), rel=1e-6)
     assert (a >= th["warning"]).mean() <= 0.01
     with pytest.raises(FileExistsError):
@@ -139,7 +139,7 @@ def test_threshold_margin_shrinks_with_the_training_set():
     rel = [(t["warning"] - np.quantile(a, 0.99)) / (np.quantile(a, 0.99) - t["median"])
            for t, a in ((th_small, big[:100]), (th_mid, big[:400]), (th_big, big))]
     # ... and none from 1,000 rows on: the clearest outliers of a big set must still cross it
-    assert rel == pytest.approx([0.35 * (np.sqrt(10) - 1), 0.35 * (np.sqrt(2.5) - 1), 0.0], abs=1e-9)
+    assert rel == pytest.approx([0.5 * (np.sqrt(10) - 1), 0.5 * (np.sqrt(2.5) - 1), 0.0], abs=1e-9)
     assert th_small["median"] < th_small["warning"] < th_small["critical"]
     assert calibrate_thresholds(big[:100], ForestParams(warning_margin=0.0))["warning"] == \
         pytest.approx(np.quantile(big[:100], 0.99))

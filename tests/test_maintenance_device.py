@@ -62,16 +62,25 @@ def test_component_reports_risk_and_opens_a_failure_risk_event(tmp_path):
     clock.advance(60)
     comp.tick(clock.monotonic())
     assert comp.scores == 1
+    # the calmest day of the simulated fleet (lowest risk, no anomaly episodes), replayed as if it were now
+    calm = None
+    for d in fleet.devices:
+        for t in np.arange(d.ts_s[0] + 2 * 86400, d.ts_s[-1], 6 * 3600.0):
+            r = float(model.risk(window_features(d.ts_s, d.values, t, model.feature_names, [])[None])[0])
+            if calm is None or r < calm[0]:
+                calm = (r, d, t)
+    risk_calm, calm_dev, calm_at = calm
+    assert risk_calm < model.thresholds["warning"]
     store.conn.execute("DELETE FROM samples")
     store.conn.execute("DELETE FROM events WHERE kind = 'anomaly'")
-    healthy = fleet.device(fleet.devices[0].device_id)
     for k in range(2):
         clock.advance(3600)
-        t_now = clock.time()
-        for j in range(12):
-            ts = t_now - 3300 + j * 300
-            base = {n: float(np.nanmedian(v)) for n, v in healthy.values.items() if n != "system.uptime"}
-            store.add_sample(Sample(ts, {**base, "system.uptime": 1e6 + ts - at}))
+        shift = clock.time() - calm_at
+        day = (calm_dev.ts_s <= calm_at) & (calm_dev.ts_s > calm_at - 86400)
+        store.conn.execute("DELETE FROM samples")
+        calm_names = list(calm_dev.values)
+        for ts, row in zip(calm_dev.ts_s[day], np.column_stack([calm_dev.values[n] for n in calm_names])[day]):
+            store.add_sample(Sample(float(ts + shift), {n: float(v) for n, v in zip(calm_names, row) if v == v}))
         store.flush()
         comp.tick(clock.monotonic())
     state = store.conn.execute("SELECT state FROM events WHERE kind = 'failure_risk'").fetchone()[0]
