@@ -606,11 +606,12 @@ def check_not_expired(manifest: Manifest, now_s: float) -> None:
 
 
 def feature_bases(names: Sequence[str]) -> list[str]:
-    """Metrics a model needs sampled: '<metric>|mean10' needs '<metric>'; 'time:*' needs none."""
+    """Metrics a model needs sampled: '<metric>|mean10' needs '<metric>'; 'time:*' and 'events:*'
+    (from the clock and the device's own event log) need none."""
     out: list[str] = []
     for n in names:
         base = n.split("|", 1)[0]
-        if base.startswith("time:") or base in out:
+        if base.startswith(("time:", "events:")) or base in out:
             continue
         out.append(base)
     return out

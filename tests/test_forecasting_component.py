@@ -154,7 +154,11 @@ def test_memory_leak_gives_bands_an_eta_and_messages_and_survives_gaps_and_jumps
     assert mem[-1]["stepSeconds"] == 60.0 and mem[-1]["eta"]["threshold"] == 95.0
     lo, hi = mem[-1]["intervals"]["95"]["lower"], mem[-1]["intervals"]["95"]["upper"]
     assert all(a <= v <= b for a, v, b in zip(lo, mem[-1]["values"], hi))
-    assert len({m["messageId"] for m in msgs}) == len(msgs)
+    # QoS 1 is at least once: a message re-sent after a slow PUBACK may arrive twice, always unchanged
+    # (the fleet drops the copy by messageId)
+    by_id: dict = {}
+    for m in msgs:
+        assert by_id.setdefault(m["messageId"], m) == m
     alerts = [m.json() for m in sink.messages() if m.topic == "devices/fc-1/anomalies"]
     assert alerts[0]["eventKind"] == "exhaustion" and alerts[0]["metric"] == "system.memoryPercent"
     assert alerts[0]["eta"]["threshold"] == 95.0 and alerts[0]["eta"]["seconds"] > 0
