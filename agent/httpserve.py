@@ -6,6 +6,7 @@ restarted agent can bind again at once; IPv6 when the bind address is one.
 from __future__ import annotations
 
 import socket
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -17,3 +18,17 @@ class LocalHTTPServer(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
+
+
+def serve_in_thread(server: LocalHTTPServer, name: str) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def shutdown(server: LocalHTTPServer, thread: threading.Thread | None, timeout_s: float = 5.0) -> None:
+    """Stop accepting, close the socket, wait (bounded) for the serving thread."""
+    server.shutdown()
+    server.server_close()
+    if thread is not None:
+        thread.join(timeout=timeout_s)

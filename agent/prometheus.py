@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from agent.httpserve import LocalHTTPServer
+from agent.httpserve import LocalHTTPServer, serve_in_thread, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +284,7 @@ class MetricsServer:
         except OSError as exc:  # a taken port must not stop the agent from sampling
             log.error("metrics endpoint disabled: cannot listen on %s:%d: %s", self.params.bind, self.params.port, exc)
             return
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-        self._thread.start()
+        self._thread = serve_in_thread(self._server, "metrics-http")
         host, port = self.address or ("?", 0)
         log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
 
@@ -306,10 +305,7 @@ class MetricsServer:
     def stop(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        shutdown(self._server, self._thread)
         self._server = self._thread = None
 
     def status(self) -> dict[str, Any]:

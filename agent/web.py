@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from agent.httpserve import LocalHTTPServer
+from agent.httpserve import LocalHTTPServer, serve_in_thread, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -329,16 +329,12 @@ class HttpService:
 
     def start(self) -> None:
         self._server = _Server((self.params.bind, self.params.port), self)
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"{self.name}-http", daemon=True)
-        self._thread.start()
+        self._thread = serve_in_thread(self._server, f"{self.name}-http")
 
     def stop(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        shutdown(self._server, self._thread)
         self._server = self._thread = None
 
 

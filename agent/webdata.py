@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from agent.status import has_table, open_readonly  # noqa: F401  (webdata.open_readonly is the web's entry)

@@ -1,7 +1,7 @@
 import pytest
 
 from agent.sampling import PsutilSource, Reading, Sampler, counter_rate, reading_to_values
-from tests.fakes import FakeClock, FakeSource, replace
+from tests.fakes import FakeClock, FakeSource
 
 MOUNTS = ("/", "/data")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
