@@ -8,7 +8,6 @@ collector is down arrive when it comes back), and ``alerts`` listing/following.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import threading
@@ -24,21 +23,14 @@ from agent.store import connect
 from agent.transport import MqttParams, MqttReporter
 from fleet import alerts
 from fleet.collect import BadMessage, Collector, parse_message, routes
-from fleet.commands import register
 from fleet.config import config_from_dict
 from fleet.store import open_store
 from tests.conftest import wait_until
+from tests.fleet_helpers import fleet_main
 
 pytestmark = pytest.mark.timeout(90)
 TS = 1_700_000_000.0
 ROUTES = routes()
-
-
-def fleet_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edge-fleet")
-    handlers = register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return handlers[args.command](args)
 
 
 def make_device(tmp: Path, broker: Any, device_id: str) -> MqttReporter:

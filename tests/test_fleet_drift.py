@@ -22,9 +22,10 @@ from fleet.config import FleetConfigError, config_from_dict, describe, load_conf
 from fleet.drift import check_target, ks_statistic, psi, recent_reports, reported_coverage, score_forecasts
 from fleet.registry import Registry
 from fleet.retrain import history, plan, run_loop, run_once
-from fleet.store import Incoming, open_store
+from fleet.store import open_store
 from fleet.train import run_training
 from models.bundle import Target
+from tests.fleet_helpers import fleet_main, ingest, rows
 
 pytestmark = pytest.mark.timeout(90)
 T0 = 1_700_000_000.0
@@ -32,23 +33,6 @@ LAB = Target("group", "lab")
 CALM = {"system.cpuUsage": (20, 3), "system.memoryPercent": (40, 2)}
 HOT = {"system.cpuUsage": (35, 3), "system.memoryPercent": (40, 2)}     # cpu up 5 sd, memory unchanged
 REPO = Path(__file__).resolve().parents[1]
-
-
-def fleet_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edge-fleet")
-    handlers = register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return handlers[args.command](args)
-
-
-def rows(start: float, n: int, regime: dict, seed: int) -> list[tuple[float, dict[str, float]]]:
-    rng = np.random.default_rng(seed)
-    return [(start + 60.0 * i, {k: float(rng.normal(m, s)) for k, (m, s) in regime.items()}) for i in range(n)]
-
-
-def ingest(store: Any, device: str, data: list, tag: str) -> None:
-    store.ingest([Incoming(f"{device}-{tag}-{k}", device, "telemetry", data[k][0], {}, tuple(data[k:k + 100]))
-                  for k in range(0, len(data), 100)])
 
 
 # -- statistics ------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ real ed25519 key, and the published bundle is verified like a device would.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet.commands import register
 from fleet.config import PromoteSection, config_from_dict
 from fleet.keys import generate
 from fleet.registry import Registry, compare, verdict, Criterion
@@ -26,29 +24,13 @@ from fleet.train import run_training
 from models.bundle import Target, load_trusted_keys, verify_bundle
 from models.features import build_matrix
 from models.forest import load_forest_model
+from tests.fleet_helpers import fleet_main, ingest, rows
 
 pytestmark = pytest.mark.timeout(90)
 T0 = 1_700_000_000.0
 DEV = Target("device", "pi-01")
 QUIET = {"system.cpuUsage": (20, 3), "system.memoryPercent": (40, 2), "system.load1": (0.5, 0.1)}
 BUSY = {"system.cpuUsage": (60, 3), "system.memoryPercent": (70, 2), "system.load1": (2.0, 0.2)}
-
-
-def fleet_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edge-fleet")
-    handlers = register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return handlers[args.command](args)
-
-
-def rows(start: float, n: int, regime: dict, seed: int) -> list[tuple[float, dict[str, float]]]:
-    rng = np.random.default_rng(seed)
-    return [(start + 60.0 * i, {k: float(rng.normal(m, s)) for k, (m, s) in regime.items()}) for i in range(n)]
-
-
-def ingest(store: Any, device: str, data: list, tag: str) -> None:
-    store.ingest([Incoming(f"{tag}-{k}", device, "telemetry", data[k][0], {}, tuple(data[k:k + 100]))
-                  for k in range(0, len(data), 100)])
 
 
 def make_config(tmp: Path, **sections: Any) -> Any:
