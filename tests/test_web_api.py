@@ -6,15 +6,14 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent import cli, webdata
 from agent.web import DeviceApp, HttpService, WebComponent, WebConfigError, WebParams, check_exposure
-from tests.web_helpers import (agent_config, record_episode, spike, synthetic_metrics, write_forecast,
-                               write_samples)
+from tests.web_helpers import (agent_config, fleet_service, fleet_store, record_episode, spike, synthetic_metrics,
+                               write_forecast, write_samples)
 
 START = 1_700_000_000.0
 
@@ -253,43 +252,6 @@ def test_report_without_a_database_is_a_usage_error(tmp_path, capsys):
 
 
 # -- fleet ----------------------------------------------------------------------------------------
-def fleet_store(path: Path, now: float):
-    from fleet.store import Incoming, open_store
-
-    store = open_store(f"sqlite:///{path}")
-    t, cols = synthetic_metrics(3600, now - 3600)
-    cols = {k: v for k, v in cols.items() if k in ("system.cpuUsage", "system.diskPercent")}
-    spike(cols, "system.cpuUsage", 1000, 1001, 99.0)
-    rows = tuple((float(t[i]), {k: float(v[i]) for k, v in cols.items()}) for i in range(len(t)))
-    iso = lambda s: webdata_iso(s)  # noqa: E731
-    msgs = [Incoming(f"tel-{i}", "pi-01", "telemetry", rows[i + 599][0], {}, rows[i:i + 600]) for i in range(0, 3600, 600)]
-    msgs += [
-        Incoming("tw-1", "pi-01", "twin", now, {"state": {"reported": {
-            "agentVersion": "0.1.0", "failureRisk24h": 0.62, "clusterDistance": 3.1, "clusterRadius": 2.0,
-            "models": [{"kind": "forest", "version": 4, "health": "confirmed"}], "health": {"status": "healthy"}}}}),
-        Incoming("tw-2", "pi-02", "twin", now - 7200, {"state": {"reported": {
-            "models": [{"kind": "forest", "version": 3}, {"kind": "lstm", "version": 1}]}}}),
-        Incoming("an-1", "pi-01", "anomaly", now - 2600, {"id": "e1", "severity": "critical", "metric": "system.cpuUsage",
-                 "metrics": ["system.cpuUsage"], "startedAt": iso(now - 2600), "endedAt": None, "detector": "zscore",
-                 "explanation": "system.cpuUsage = 99", "deviceId": "pi-01"}),
-        Incoming("an-2", "pi-01", "anomaly", now - 3000, {"id": "e2", "severity": "warning", "startedAt": iso(now - 3000),
-                 "endedAt": iso(now - 2990), "deviceId": "pi-01", "metrics": ["system.diskPercent"]}),
-        Incoming("fc-1", "pi-01", "forecast", now, {"metric": "system.diskPercent", "origin": iso(now - 1),
-                 "stepSeconds": 300, "values": [70.0, 71.0], "intervals": {"80": {"lower": [69.0, 69.5], "upper": [71.0, 72.5]},
-                 "95": {"lower": [68.0, 68.5], "upper": [72.0, 73.5]}}, "model": "linear", "modelVersion": 2,
-                 "eta": {"threshold": 90.0, "seconds": 6000.0}}),
-    ]
-    store.ingest([m for m in msgs if m.device_id == "pi-01"], received_s=now - 10)
-    store.ingest([m for m in msgs if m.device_id == "pi-02"], received_s=now - 7200)  # offline for 2 h
-    return store, t, cols
-
-
-def webdata_iso(ts: float) -> str:
-    from agent.timeparse import iso_utc
-
-    return iso_utc(ts)
-
-
 def test_fleet_summary_and_device_views(tmp_path):
     from fleet.serve import device_events, device_forecast, device_series, device_status, fleet_summary
 
@@ -326,22 +288,14 @@ def test_fleet_summary_and_device_views(tmp_path):
 
 def test_fleet_http_routes_and_cli_registration(tmp_path):
     from fleet import cli as fleet_cli
-    from fleet.serve import FleetApp
-    from fleet.store import open_store
 
     now = 1_800_000_000.0
-    fleet_store(tmp_path / "fleet.db", now)[0].close()
-    app = FleetApp(lambda: open_store(f"sqlite:///{tmp_path / 'fleet.db'}"), clock=lambda: now)
-    svc = HttpService(WebParams(enabled=True, port=0), app, name="fleet")
-    svc.start()
-    try:
+    with fleet_service(tmp_path / "fleet.db", now) as svc:
         assert b"fleet.js" in get(svc.url)[2] and b"app.js" in get(svc.url + "devices/pi-01")[2]
         assert json.loads(get(svc.url + "api/fleet")[2])["online"] == 1
         assert json.loads(get(svc.url + "api/devices/pi-01/meta")[2])["metrics"] == ["system.cpuUsage", "system.diskPercent"]
         assert get(svc.url + "api/devices/nobody/meta")[0] == 404
         assert get(svc.url + "api/devices/pi-01/nope")[0] == 400
-    finally:
-        svc.stop()
     fleet_cli.build_parser()
     assert "serve" in fleet_cli.COMMANDS
     assert fleet_cli.main(["serve", "--bind", "0.0.0.0", "--port", "0", "--config", str(tmp_path / "none.toml")]) == 2

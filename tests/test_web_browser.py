@@ -18,8 +18,8 @@ import pytest
 
 from agent import report
 from agent.web import DeviceApp, HttpService, WebParams
-from tests.web_helpers import (CHROMIUM, agent_config, count_color, record_episode, run_chromium, spike,
-                               synthetic_metrics, write_forecast, write_samples)
+from tests.web_helpers import (CHROMIUM, agent_config, count_color, fleet_service, record_episode, run_chromium,
+                               spike, synthetic_metrics, write_forecast, write_samples)
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 
@@ -119,16 +119,8 @@ def test_token_protected_page_works_after_token_in_the_address(device):
 
 
 def test_fleet_page_and_device_view(tmp_path):
-    from fleet.serve import FleetApp
-    from fleet.store import open_store
-    from tests.test_web_api import fleet_store
-
     now = 1_800_000_000.0
-    fleet_store(tmp_path / "fleet.db", now)[0].close()
-    app = FleetApp(lambda: open_store(f"sqlite:///{tmp_path / 'fleet.db'}"), clock=lambda: now)
-    svc = HttpService(WebParams(enabled=True, port=0), app, name="fleet")
-    svc.start()
-    try:
+    with fleet_service(tmp_path / "fleet.db", now) as svc:
         html, _ = run_chromium(svc.url)
         assert_clean(html)
         assert attrs(html, "body")["data-devices"] == "2"
@@ -144,8 +136,6 @@ def test_fleet_page_and_device_view(tmp_path):
         shot = tmp_path / "fleet.png"
         run_chromium(svc.url, screenshot=shot, window="1000,400")
         print(f"\nscreenshot: {shot}")
-    finally:
-        svc.stop()
 
 
 def test_a_week_of_1hz_data_loads_downsampled(tmp_path):

@@ -7,6 +7,7 @@ numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -14,7 +15,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from agent import config as config_mod
 from agent.events import EventLog
 from agent.sampling import Sample
 from agent.store import Store, migrate, quote_ident
+from agent.timeparse import iso_utc
 
 FORECAST_MIGRATIONS = [
     """
@@ -193,3 +195,51 @@ def count_color(path: Path, rgb: tuple[int, int, int], tolerance: int = 40) -> i
         if abs(px[i] - r0) + abs(px[i + 1] - g0) + abs(px[i + 2] - b0) <= tolerance:
             n += 1
     return n
+
+
+def fleet_store(path: Path, now: float):
+    """A fleet store with two devices (pi-02 offline for 2 h), telemetry, twins, anomalies, a forecast."""
+    from fleet.store import Incoming, open_store
+
+    store = open_store(f"sqlite:///{path}")
+    t, cols = synthetic_metrics(3600, now - 3600)
+    cols = {k: v for k, v in cols.items() if k in ("system.cpuUsage", "system.diskPercent")}
+    spike(cols, "system.cpuUsage", 1000, 1001, 99.0)
+    rows = tuple((float(t[i]), {k: float(v[i]) for k, v in cols.items()}) for i in range(len(t)))
+    msgs = [Incoming(f"tel-{i}", "pi-01", "telemetry", rows[i + 599][0], {}, rows[i:i + 600]) for i in range(0, 3600, 600)]
+    msgs += [
+        Incoming("tw-1", "pi-01", "twin", now, {"state": {"reported": {
+            "agentVersion": "0.1.0", "failureRisk24h": 0.62, "clusterDistance": 3.1, "clusterRadius": 2.0,
+            "models": [{"kind": "forest", "version": 4, "health": "confirmed"}], "health": {"status": "healthy"}}}}),
+        Incoming("tw-2", "pi-02", "twin", now - 7200, {"state": {"reported": {
+            "models": [{"kind": "forest", "version": 3}, {"kind": "lstm", "version": 1}]}}}),
+        Incoming("an-1", "pi-01", "anomaly", now - 2600, {"id": "e1", "severity": "critical", "metric": "system.cpuUsage",
+                 "metrics": ["system.cpuUsage"], "startedAt": iso_utc(now - 2600), "endedAt": None, "detector": "zscore",
+                 "explanation": "system.cpuUsage = 99", "deviceId": "pi-01"}),
+        Incoming("an-2", "pi-01", "anomaly", now - 3000, {"id": "e2", "severity": "warning", "startedAt": iso_utc(now - 3000),
+                 "endedAt": iso_utc(now - 2990), "deviceId": "pi-01", "metrics": ["system.diskPercent"]}),
+        Incoming("fc-1", "pi-01", "forecast", now, {"metric": "system.diskPercent", "origin": iso_utc(now - 1),
+                 "stepSeconds": 300, "values": [70.0, 71.0], "intervals": {"80": {"lower": [69.0, 69.5], "upper": [71.0, 72.5]},
+                 "95": {"lower": [68.0, 68.5], "upper": [72.0, 73.5]}}, "model": "linear", "modelVersion": 2,
+                 "eta": {"threshold": 90.0, "seconds": 6000.0}}),
+    ]
+    store.ingest([m for m in msgs if m.device_id == "pi-01"], received_s=now - 10)
+    store.ingest([m for m in msgs if m.device_id == "pi-02"], received_s=now - 7200)  # offline for 2 h
+    return store, t, cols
+
+
+@contextlib.contextmanager
+def fleet_service(path: Path, now: float) -> Iterator[Any]:
+    """The fleet page over ``fleet_store``, serving on a free local port until the block ends."""
+    from agent.web import HttpService, WebParams
+    from fleet.serve import FleetApp
+    from fleet.store import open_store
+
+    fleet_store(path, now)[0].close()
+    app = FleetApp(lambda: open_store(f"sqlite:///{path}"), clock=lambda: now)
+    svc = HttpService(WebParams(enabled=True, port=0), app, name="fleet")
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
