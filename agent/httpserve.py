@@ -19,6 +19,12 @@ class LocalHTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
 
+    @property
+    def bound(self) -> tuple[str, int]:
+        """(host, port) it listens on: the real port when asked for port 0."""
+        host, port = self.server_address[:2]
+        return str(host), int(port)
+
 
 def serve_in_thread(server: LocalHTTPServer, name: str) -> threading.Thread:
     thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)

@@ -121,6 +121,14 @@ def build_families(snapshot: Mapping[str, Any], snapshot_age_s: float | None = N
         if number is not None:
             fams.append(Family(name, kind, help_text).add(number))
 
+    def by_label(name: str, kind: str, help_text: str, values: Mapping[str, Any], label: str) -> None:
+        fam = Family(name, kind, help_text)
+        for key in sorted(values):
+            number = _number(values[key])
+            if number is not None:
+                fam.add(number, **{label: key})
+        fams.append(fam)
+
     info_labels = {k: snapshot[k] for k in ("device_id", "version") if isinstance(snapshot.get(k), str)}
     if info_labels:
         fams.append(Family("info", "gauge", "Agent identity; the value is always 1.").add(1, **info_labels))
@@ -136,23 +144,10 @@ def build_families(snapshot: Mapping[str, Any], snapshot_age_s: float | None = N
     sample = snapshot.get("sample") or {}
     single("last_sample_timestamp_seconds", "gauge", "Wall-clock time of the newest sample (epoch).",
            sample.get("ts_s"))
-    values = sample.get("values") or {}
-    metric = Family("metric", "gauge", "Newest sampled value, by twin metric name (units vary by name).")
-    for name in sorted(values):
-        number = _number(values[name])
-        if number is not None:
-            metric.add(number, name=name)
-    if metric.samples:
-        fams.append(metric)
-
-    anomalies = snapshot.get("anomalies") or {}
-    fam = Family("anomalies", "counter", "Anomaly episodes opened, by severity.")
-    for severity in sorted(anomalies):
-        number = _number(anomalies[severity])
-        if number is not None:
-            fam.add(number, severity=severity)
-    if fam.samples:
-        fams.append(fam)
+    by_label("metric", "gauge", "Newest sampled value, by twin metric name (units vary by name).",
+             sample.get("values") or {}, "name")
+    by_label("anomalies", "counter", "Anomaly episodes opened, by severity.", snapshot.get("anomalies") or {},
+             "severity")
 
     outbox = snapshot.get("outbox") or {}
     single("outbox_depth", "gauge", "Outbound messages waiting for a broker acknowledgement.", outbox.get("depth"))
@@ -172,7 +167,7 @@ def build_families(snapshot: Mapping[str, Any], snapshot_age_s: float | None = N
         total, count = _number(model.get("inference_s_sum")), _number(model.get("inference_count"))
         if total is not None and count is not None:
             latency.add(total, "_sum", kind=model["kind"]).add(count, "_count", kind=model["kind"])
-    fams.extend(f for f in (version, latency) if f.samples)
+    fams += [version, latency]
 
     coverage = Family("forecast_coverage_ratio", "gauge",
                       "Share of recent actuals inside the forecast interval, by metric and nominal level.")
@@ -182,17 +177,14 @@ def build_families(snapshot: Mapping[str, Any], snapshot_age_s: float | None = N
         number, level = _number(row.get("coverage")), _number(row.get("level"))
         if number is not None and level is not None and isinstance(row.get("metric"), str):
             coverage.add(number, metric=row["metric"], level=format_value(float(level)))
-    if coverage.samples:
-        fams.append(coverage)
     mase = Family("forecast_mase", "gauge",
                   "Rolling MAE of the published forecaster over the one-step naive MAE (< 1 beats naive), by metric.")
     for row in snapshot.get("forecast_mase") or ():
         number = _number(row.get("mase")) if isinstance(row, Mapping) else None
         if number is not None and isinstance(row.get("metric"), str):
             mase.add(number, metric=row["metric"], model=str(row.get("model", "")))
-    if mase.samples:
-        fams.append(mase)
-    return fams
+    fams += [coverage, mase]
+    return [f for f in fams if f.samples]
 
 
 def render(snapshot: Mapping[str, Any], snapshot_age_s: float | None = None) -> str:
@@ -271,10 +263,7 @@ class MetricsServer:
     @property
     def address(self) -> tuple[str, int] | None:
         """Where it listens (the real port when params.port is 0)."""
-        if self._server is None:
-            return None
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return None if self._server is None else self._server.bound
 
     def start(self, ctx: Any = None) -> None:
         if not self.params.enabled or self._server is not None:

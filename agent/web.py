@@ -315,10 +315,8 @@ class HttpService:
 
     @property
     def address(self) -> tuple[str, int] | None:
-        if self._server is None:
-            return None
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        """Where it listens (the real port when params.port is 0)."""
+        return None if self._server is None else self._server.bound
 
     @property
     def url(self) -> str | None:
