@@ -26,9 +26,9 @@ import contextlib
 import logging
 import sqlite3
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Mapping
+from typing import Callable, Collection, Mapping
 
-from agent.store import RateLimitedLog, migrate as store_migrate
+from agent.store import RateLimitedLog, immediate_transaction, migrate as store_migrate
 
 log = logging.getLogger(__name__)
 
@@ -126,19 +126,8 @@ class Outbox:
         self._full_log = RateLimitedLog(log, period_s=300.0)
 
     # -- transactions ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn
-        if conn.in_transaction:  # inside the owner's transaction: its COMMIT covers us
-            yield conn
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._conn)
 
     def _count(self, conn: sqlite3.Connection, deltas: Mapping[str, int]) -> None:
         conn.executemany(

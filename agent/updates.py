@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, Sequence
 
+from agent.store import immediate_transaction, migrate
 from models.bundle import (
     INSTALLED_MANIFEST, INSTALLED_SIGNATURE, LOCAL_TARGET, BundleError, BundleLimits, Manifest, Target,
     TrustedKey, VerifiedBundle, check_artefact_name, check_not_expired, check_target, feature_bases,
@@ -98,28 +99,6 @@ MIGRATIONS = [
 ]
 LOCAL_SOURCE = "local"
 META_FILE = "model.json"
-
-try:  # the lead's store owns the migration machinery; fall back to a tiny equivalent
-    from agent.store import migrate as _migrate
-except ImportError:  # pragma: no cover - agent.store exists in this tree
-    def _migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str]) -> int:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-        row = conn.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()
-        version = row[0] if row else 0
-        for number, script in enumerate(migrations[version:], start=version + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in (s.strip() for s in script.split(";")):
-                    if stmt:
-                        conn.execute(stmt)
-                conn.execute("INSERT OR REPLACE INTO schema_versions VALUES (?, ?)", (component, number))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            version = number
-        return version
-
 
 class Clock(Protocol):
     def time(self) -> float: ...
@@ -342,7 +321,7 @@ class ModelUpdater:
         self.trusted: dict[str, TrustedKey] = load_trusted_keys(trusted_keys)   # no crypto import needed
         self.startup_events: list[dict] = []
         self.root.mkdir(parents=True, exist_ok=True)
-        _migrate(conn, COMPONENT, MIGRATIONS)
+        migrate(conn, COMPONENT, MIGRATIONS)
         with self._lock():
             self._reconcile()
 
@@ -356,18 +335,8 @@ class ModelUpdater:
         finally:
             os.close(fd)  # closing releases the flock
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        if self.conn.in_transaction:  # inside the store's batch: join it, it commits soon
-            yield self.conn
-            return
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self.conn)
 
     def _now(self) -> float:
         return float(self.clock.time())
