@@ -117,15 +117,28 @@ def _cmd_train(cfg: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _value_range(text: str) -> tuple[str, float, float]:
+    """COLUMN=LOW:HIGH -> (column, low, high); ValueError names the bad part."""
+    col, sep, span = text.rpartition("=")
+    lo, sep2, hi = span.partition(":")
+    try:
+        if not (col and sep and sep2):
+            raise ValueError
+        return col, float(lo), float(hi)
+    except ValueError:
+        raise ValueError(f"--value-range {text!r}: expected COLUMN=LOW:HIGH, e.g. value=0:100") from None
+
+
 def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import replay
 
     from agent.detection import detect_params
 
     # [detect] thresholds and windows apply; the features are the CSV's columns
-    params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows or None)
     value_cols = args.value_cols.split(",") if args.value_cols else None
     try:
+        params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows or None,
+                                     value_ranges=tuple(_value_range(v) for v in args.value_range))
         summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
                                 model_dir=args.model, params=params)
     except (OSError, ValueError, KeyError) as exc:
@@ -205,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
     p.add_argument("--train-rows", type=int, help="rows used as the training window (default: 15%%, at most 750)")
+    p.add_argument("--value-range", action="append", default=[], metavar="COLUMN=LOW:HIGH",
+                   help="a column's known range: its novelty bins are that range cut in 8 instead of "
+                        "being learned on the training window (repeatable; NAB's harness gives every series')")
 
     from agent.backtest import add_arguments as add_backtest_arguments
 

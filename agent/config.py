@@ -144,6 +144,11 @@ class DetectSection:
     close_after: int = _opt(5, "Consecutive normal samples that close it.", min=1, max=10000)
     explain_top_k: int = _opt(3, "Features named in an anomaly's explanation.", min=1, max=100)
     daily_profile: bool = _opt(True, "Also compare each metric with its time-of-day profile (anomaly_score).")
+    novelty: bool = _opt(True, "Also flag a metric's never-seen level-to-level transition (anomaly_score).")
+    novelty_learn_samples: int = _opt(750, "Samples whose range sets the novelty bins; silent until then.",
+                                      min=10, max=1000000)
+    novelty_rest_samples: int = _opt(150, "Samples anomaly_score stays 0 after an alarm (one incident, one alarm).",
+                                     min=0, max=1000000)
     use_forest: bool = _opt(True, "Use an Isolation Forest beside the z-score once one is installed.")
     forest_bootstrap: bool = _opt(True, "Train a forest on the device when none is installed, and retrain it.")
     forest_train_after: int = _opt(100, "Clean samples needed to train a forest.", min=10)

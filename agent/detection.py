@@ -31,6 +31,7 @@ from agent.sampling import Sample
 from models.detect import DetectParams, Detector
 from models.episodes import EpisodeParams
 from models.forest import load_forest_model
+from models.novelty import NoveltyParams
 from models.severity import SeverityParams
 from models.zscore import ZScoreParams
 
@@ -56,6 +57,8 @@ def detect_params(section: Any) -> DetectParams:
                                 explain_top_k=section.explain_top_k),
         episodes=EpisodeParams(open_after=section.open_after, close_after=section.close_after),
         use_forest=section.use_forest, daily_profile=section.daily_profile,
+        novelty=NoveltyParams(enabled=section.novelty, learn_rows=section.novelty_learn_samples,
+                              rest_rows=section.novelty_rest_samples),
     )
 
 

@@ -47,6 +47,7 @@ class ReplayParams:
     forest_min_metrics: int = 2       # ... when there are at least this many value columns
     forest_window: int = 0            # >0: forest also sees rolling mean/std/diff over this many rows
     forest_version: int = 1
+    value_ranges: tuple[tuple[str, float, float], ...] = ()   # (column, low, high) known up front
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,16 @@ def replay_rows(ts: Sequence[float], rows: Sequence[dict], value_cols: Sequence[
                 ) -> tuple[list[RowResult], list[dict], ReplaySummary]:
     """Pure-ish core: results per row (episode ids filled over whole episodes) and close events."""
     n = len(rows)
-    # rows of a value column keep their names; rate-like names are log1p-transformed as on the device
-    dparams = replace(params.detect, features=tuple(value_cols))
-    det = Detector(dparams, forest=model)
     if params.train_rows is not None:
         train_n = min(params.train_rows, n)
     else:
         train_n = min(int(params.train_fraction * n), params.train_rows_max)
+    # the novelty grid is learned on the training window and rests a fifth of it after an alarm
+    novelty = replace(params.detect.novelty, learn_rows=max(train_n, 1), rest_rows=train_n // 5,
+                      ranges=params.value_ranges or params.detect.novelty.ranges)
+    # rows of a value column keep their names; rate-like names are log1p-transformed as on the device
+    dparams = replace(params.detect, features=tuple(value_cols), novelty=novelty)
+    det = Detector(dparams, forest=model)
     want_forest = model is None and params.forest and dparams.use_forest
     if want_forest and len(value_cols) < params.forest_min_metrics:
         # one metric: the forest is a 1-D density test the value's z-score already does, and its

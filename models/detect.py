@@ -5,7 +5,9 @@ The daemon calls ``detector.update(ts_s, values)`` once per sample and gets back
 z-score runs from the first sample; base metrics are also scored against their
 time-of-day profile (models.zscore.DailyProfileZ; anomaly_score only, it does not
 set severity: a daily z is noisier than a window z and an hour-shifted cron job
-should not page anyone); a forest is plugged in (or swapped) with
+should not page anyone); base metrics also feed models.novelty (a bin -> bin
+transition never seen before scores 1; anomaly_score only, like the daily z),
+whose rest gate then keeps one incident to one alarm; a forest is plugged in (or swapped) with
 ``set_forest(model)`` when one has been trained or received. The forest has its
 own FeatureBuilder on the model's saved feature names, so a model never sees
 columns in another order than it was trained on.
@@ -21,6 +23,7 @@ import numpy as np
 from models.episodes import EpisodeParams, EpisodeTracker
 from models.features import DEFAULT_FEATURES, FeatureBuilder, derived_names
 from models.forest import ForestModel
+from models.novelty import NoveltyParams, RestGate, TransitionNovelty
 from models.severity import (CalibratorParams, SeverityParams, SurpriseCalibrator, combine, explain, forest_z, gate,
                              severity_rank)
 from models.zscore import DailyProfileParams, DailyProfileZ, RollingZScore, ZScoreParams
@@ -42,6 +45,7 @@ class DetectParams:
     use_forest: bool = True
     daily_profile: bool = True       # also score base metrics against their time-of-day profile
     daily: DailyProfileParams = field(default_factory=DailyProfileParams)
+    novelty: NoveltyParams = field(default_factory=NoveltyParams)
 
     @property
     def z_features(self) -> tuple[str, ...]:
@@ -54,12 +58,13 @@ class DetectParams:
 class RowResult:
     ts_s: float
     score: float                 # raw, z units (max of z-score and forest-on-z-scale)
-    anomaly_score: float         # [0, 1), grows with abnormality
+    anomaly_score: float         # [0, 1], grows with abnormality; 1 = a novel transition
     severity: str
     z_max: float
     forest_score: float | None   # -score_samples, None without forest or incomplete row
     episode_id: str | None
     explanation: list = field(default_factory=list)
+    novel: tuple[str, ...] = ()  # base metrics whose transition into this row was never seen before
 
 
 class Detector:
@@ -69,8 +74,12 @@ class Detector:
         self.features = FeatureBuilder(self.z_names)
         self.zscore = RollingZScore(len(self.z_names), params.zscore)
         # base metrics (no derived suffix) also get a time-of-day z (anomaly_score only, see severity.py)
-        self._daily_idx = np.array([i for i, n in enumerate(self.z_names) if "|" not in n] if params.daily_profile
-                                   else [], dtype=np.intp)
+        base_idx = [i for i, n in enumerate(self.z_names) if "|" not in n]
+        self._daily_idx = np.array(base_idx if params.daily_profile else [], dtype=np.intp)
+        self._novelty_idx = np.array(base_idx if params.novelty.enabled else [], dtype=np.intp)
+        self.novelty = TransitionNovelty([self.z_names[i] for i in self._novelty_idx], params.novelty) \
+            if len(self._novelty_idx) else None
+        self.rest = RestGate(params.novelty.rest_rows, params.novelty.rest_threshold) if self.novelty else None
         self.daily = DailyProfileZ(len(self._daily_idx), params.daily) if len(self._daily_idx) else None
         # calibrator columns: one per z feature, one per daily z, one for the forest (0 until a forest exists)
         n_cols = len(self.z_names) + len(self._daily_idx) + 1
@@ -122,6 +131,10 @@ class Detector:
             cols[nz:-1] = np.abs(self.daily.update(ts_s, x[self._daily_idx], p.zscore))
         cols[-1] = forest_z(anomaly, thresholds, p.severity) if anomaly is not None else 0.0
         anomaly_score = self.calibrator.update(cols)
+        novel: tuple[str, ...] = ()
+        if self.novelty is not None:
+            novel = self.novelty.update(x[self._novelty_idx])
+            anomaly_score = self.rest.update(1.0 if novel else p.novelty.calibrated_weight * anomaly_score)
         sev = gate(sev, anomaly_score, p.severity)
         expl: list = []
         involved: Sequence[str] = ()
@@ -132,7 +145,8 @@ class Detector:
         events = self.episodes.update(ts_s, sev, score, involved, expl, self.detector_name, self.model_version)
         self.n_samples += 1
         row = RowResult(ts_s=ts_s, score=score, anomaly_score=anomaly_score, severity=sev, z_max=z_max,
-                        forest_score=anomaly, episode_id=self.episodes.current_id, explanation=expl)
+                        forest_score=anomaly, episode_id=self.episodes.current_id, explanation=expl,
+                        novel=novel)
         return row, events
 
     def flush(self) -> list[dict]:
@@ -141,5 +155,6 @@ class Detector:
     def status(self) -> dict:
         return {"detector": self.detector_name, "model_version": self.model_version,
                 "samples": self.n_samples, "zscore_ready": self.zscore.ready,
+                "novelty_learning": self.novelty.learning if self.novelty is not None else None,
                 "episode_open": self.episodes.current_id}
 

@@ -47,7 +47,7 @@ def test_replay_real_nab_series_end_to_end(tmp_path):
     assert [r["timestamp"] for r in res] == [r["timestamp"] for r in inp]
     assert summary.detector == "zscore+forest" and summary.train_rows == 604     # 15 % of the rows
     a = np.array([float(r["anomaly_score"]) for r in res])
-    assert ((a >= 0) & (a < 1)).all() and all(math.isfinite(float(r["score"])) for r in res)
+    assert ((a >= 0) & (a <= 1)).all() and all(math.isfinite(float(r["score"])) for r in res)
     assert {r["severity"] for r in res} <= SEVERITIES
     # episode ids: contiguous runs, only on abnormal-or-inside rows, count matches the summary
     ids = [r["episode_id"] for r in res]
@@ -106,7 +106,8 @@ def test_replay_with_model_dir_multi_metric_epoch(tmp_path):
     flagged = [int(r["timestamp"]) - t0 for r in res if r["episode_id"]]
     assert flagged and min(flagged) >= 690 and 700 <= max(flagged) < 730
     a = [float(r["anomaly_score"]) for r in res]
-    assert int(np.argmax(a)) == 700
+    # the onset is a novel transition (1, the top score); noise reaching new bins can tie it elsewhere
+    assert a[700] == max(a) == 1.0 and max(a[701:720]) == 0.0   # then the rest gate: one alarm
     assert res[705]["severity"] == "critical"
 
 
