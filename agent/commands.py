@@ -5,6 +5,10 @@ The registry is the extension point: any component registers a handler
 agent only through the small callables they were built with, so they stay
 testable without a daemon.  Nothing a remote peer sends can raise out of
 `handle`: bad input becomes an error response, a log line and a counter.
+That includes what ``json.loads`` itself raises besides JSONDecodeError: a
+document nested ~1,000 deep (RecursionError) or a number of more than 4,300
+digits (ValueError) fits in the 8 KB limit, and each must still get its one
+reply.
 """
 from __future__ import annotations
 
@@ -19,6 +23,24 @@ log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 128
 Handler = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
+
+
+# What json.loads raises on hostile input that is still under the size limit: JSONDecodeError
+# (a ValueError), UnicodeDecodeError (a ValueError), a too-long integer (ValueError), deep nesting.
+_DECODE_ERRORS = (ValueError, RecursionError)
+
+
+def _loads(payload: bytes) -> Any:
+    return json.loads(payload.decode("utf-8"))
+
+
+def _encodable(text: str) -> bool:
+    """A string the reply can carry back: lone surrogates ('\\ud800') are valid JSON but not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class CommandError(Exception):
@@ -62,16 +84,19 @@ def parse_request(payload: bytes, max_payload_bytes: int) -> Request:
         raise CommandError("payload_too_large",
                            f"request of {len(payload)} bytes exceeds {max_payload_bytes}")
     try:
-        doc = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = _loads(payload)
+    except RecursionError as exc:
+        raise CommandError("invalid_json", "request is nested too deeply") from exc
+    except ValueError as exc:
         raise CommandError("invalid_json", f"request is not UTF-8 JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise CommandError("invalid_request", "request must be a JSON object")
     request_id = doc.get("id")
-    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
+    if (not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS
+            or not _encodable(request_id)):
         raise CommandError("invalid_request", f"'id' must be a non-empty string of at most {MAX_ID_CHARS} chars")
     command = doc.get("command")
-    if not isinstance(command, str) or not command:
+    if not isinstance(command, str) or not command or not _encodable(command):
         raise CommandError("invalid_request", "'command' must be a non-empty string")
     args = doc.get("args", {})
     if args is None:
@@ -84,14 +109,14 @@ def parse_request(payload: bytes, max_payload_bytes: int) -> Request:
 def _peek_id(payload: bytes) -> tuple[str | None, str | None]:
     """Best-effort id/command of a request that failed validation, for the reply."""
     try:
-        doc = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = _loads(payload)
+    except _DECODE_ERRORS:
         return None, None
     if not isinstance(doc, dict):
         return None, None
     rid, cmd = doc.get("id"), doc.get("command")
-    return (rid if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS else None,
-            cmd if isinstance(cmd, str) and len(cmd) <= MAX_ID_CHARS else None)
+    return (rid if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS and _encodable(rid) else None,
+            cmd if isinstance(cmd, str) and len(cmd) <= MAX_ID_CHARS and _encodable(cmd) else None)
 
 
 class CommandRegistry:
@@ -118,7 +143,15 @@ class CommandRegistry:
         return {name: desc for name, (_, desc) in sorted(self._handlers.items())}
 
     def handle(self, payload: bytes) -> CommandOutcome:
+        """Exactly one outcome per request, whatever the payload: never raises."""
         self.received += 1
+        try:
+            return self._handle(payload)
+        except Exception as exc:  # a bug in validation or bookkeeping still owes the peer a reply
+            log.exception("command request could not be processed")
+            return self._fail(None, None, CommandError("internal_error", f"{type(exc).__name__}: {exc}"))
+
+    def _handle(self, payload: bytes) -> CommandOutcome:
         try:
             request = parse_request(payload, self.params.max_payload_bytes)
         except CommandError as exc:
@@ -138,6 +171,9 @@ class CommandRegistry:
                 result = entry[0](request.args)
             except CommandError as exc:
                 outcome = self._fail(request.request_id, request.command, exc)
+            except RecursionError as exc:  # deeply nested args walked by a handler: the input's fault
+                outcome = self._fail(request.request_id, request.command,
+                                     CommandError("invalid_args", f"arguments nested too deeply: {exc}"))
             except Exception as exc:  # a handler bug must not crash the agent
                 log.exception("command %s failed", request.command)
                 outcome = self._fail(request.request_id, request.command,
@@ -168,7 +204,10 @@ def _number_arg(args: Mapping[str, Any], name: str) -> float:
     value = args.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CommandError("invalid_args", f"'{name}' must be a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer of hundreds of digits: valid JSON, no float
+        raise CommandError("invalid_args", f"'{name}' is out of range") from None
     if not math.isfinite(value):
         raise CommandError("invalid_args", f"'{name}' must be finite")
     return value

@@ -630,7 +630,13 @@ class MqttReporter:
             error_message=outcome.error_message)
         if outcome.duplicate:
             reply["duplicate"] = True
-        self.enqueue("command_response", reply, PRIORITY_HIGH)
+        if self.enqueue("command_response", reply, PRIORITY_HIGH) is None:
+            # The reply itself could not be queued (too large for the outbox, or unencodable):
+            # the peer still gets its one answer, a short error in place of the result.
+            self.enqueue("command_response", payloads.command_response(
+                self.device_id, self._wall(), request_id=outcome.request_id, command=outcome.command,
+                ok=False, error_code="reply_failed",
+                error_message="the reply could not be queued (too large or not encodable)"), PRIORITY_HIGH)
 
     def _status_for_command(self) -> Mapping[str, Any]:
         if self._status_provider is not None:

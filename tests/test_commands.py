@@ -165,3 +165,109 @@ def test_commands_end_to_end_through_the_broker(tmp_path: Path, mqtt_broker, mqt
     stats = rep.status()["commands"]
     assert (stats["received"], stats["succeeded"], stats["errors"]) == (7, 3, 4)
     rep.stop()
+
+
+def _fuzz_payloads(seed: int = 26, count: int = 500) -> list[bytes]:
+    """Hostile command payloads: the known killers, then seeded mutations of valid requests."""
+    hostile = [
+        b"[" * 1000 + b"]" * 1000,                                         # RecursionError in json.loads
+        b'{"id": "n1", "command": "ping", "args": {"a": ' + b"[" * 990 + b"]" * 990 + b"}}",
+        b'{"id": "n2", "command": "ping", "x": ' + b"9" * 5000 + b"}",       # > 4300 digits: ValueError
+        b'{"id": "n3", "command": "set-interval", "args": {"interval_s": ' + b"1" * 400 + b"}}",  # OverflowError
+        b'{"id": "n4", "command": "set-interval", "args": {"interval_s": 1e400}}',
+        b'{"id": "n5", "command": "set-interval", "args": {"interval_s": NaN}}',
+        b'{"id": "n6", "command": "set-interval", "args": {"interval_s": -Infinity}}',
+        b'{"id": "\\ud800", "command": "ping"}',                           # lone surrogate: no UTF-8 reply
+        b'{"id": "n7", "command": "\\udfff"}',
+        b'{"id": "n8", "command": "ping", "args": {"\\ud800": 1}}',
+        b"", b"null", b"0", b'"ping"', b"{}", b"\x00" * 50, b"\xef\xbb\xbf{}",
+        b'{"id": "n9", "command": "ping", "args": null}',
+        b'{"id": "' + b"i" * 129 + b'", "command": "ping"}',
+        b'{"id": "n10", "command": "ping"' + b' ' * 8000 + b'}',
+        b'{"id": "n11", "command": "ping", "pad": "' + b"x" * 9000 + b'"}',
+    ]
+    rng = random.Random(seed)
+    commands = ["ping", "status", "help", "report-now", "set-interval", "nope", ""]
+    values: list[Any] = [None, True, 0, -1, 2.5, 1e308, "x", [], {}, [1, [2, [3]]], {"a": {"b": None}}]
+    out = list(hostile)
+    while len(out) < count:
+        doc: dict[str, Any] = {"id": f"f{len(out)}", "command": rng.choice(commands)}
+        if rng.random() < 0.7:
+            doc["args"] = {rng.choice(["interval_s", "x", ""]): rng.choice(values)} if rng.random() < 0.8 \
+                else rng.choice(values)
+        raw = bytearray(json.dumps(doc).encode())
+        for _ in range(rng.choice([0, 0, 1, 2, 5])):
+            op, at = rng.random(), rng.randrange(len(raw) + 1)
+            if op < 0.4 and raw:
+                raw[min(at, len(raw) - 1)] = rng.randrange(256)
+            elif op < 0.7:
+                raw[at:at] = rng.choice([b"[", b"{", b"\\", b'"', b"9" * rng.randrange(1, 600), b"\xc3", b"\\u"])
+            else:
+                del raw[at:]
+        out.append(bytes(raw))
+    return out
+
+
+def test_fuzzed_payloads_each_get_exactly_one_well_formed_outcome(agent: Agent) -> None:
+    from agent import payloads
+
+    registry = CommandRegistry()  # the default 8 KB limit: the hostile payloads fit under it
+    register_builtins(registry, status=agent.status, report_now=agent.report_now,
+                      set_interval=agent.set_interval, clock=lambda: 1234.5)
+    fuzz = _fuzz_payloads()
+    codes: dict[str, int] = {}
+    for payload in fuzz:
+        out = registry.handle(payload)  # must not raise
+        reply = payloads.command_response("dev-1", 0.0, request_id=out.request_id, command=out.command,
+                                          ok=out.ok, result=out.result, error_code=out.error_code,
+                                          error_message=out.error_message)
+        json.loads(payloads.encode(reply))  # every outcome can be sent back as UTF-8 JSON
+        if not out.ok:
+            codes[out.error_code] = codes.get(out.error_code, 0) + 1
+            assert out.error_code != "internal_error", (payload[:80], out)  # bad input is never our bug
+    assert registry.stats()["received"] == len(fuzz)
+    by_id = {p[:30]: registry.handle(p) for p in fuzz[:8]}
+    assert by_id[fuzz[0][:30]].error_code == "invalid_json"            # deep nesting
+    assert by_id[fuzz[2][:30]].error_code == "invalid_json"            # 5,000-digit number
+    assert by_id[fuzz[3][:30]].error_code == "invalid_args"            # 400-digit integer
+    assert by_id[fuzz[3][:30]].request_id == "n3"
+    assert by_id[fuzz[7][:30]].error_code == "invalid_request"         # surrogate id
+    assert {"invalid_json", "invalid_request", "invalid_args", "unknown_command", "payload_too_large"} <= set(codes)
+
+
+def test_fuzzed_payloads_through_the_broker_each_get_one_reply(tmp_path: Path, mqtt_broker, mqtt_sink,
+                                                               agent: Agent) -> None:
+    params = MqttParams(host=mqtt_broker.host, port=mqtt_broker.port, keepalive_s=2,
+                        reconnect_min_s=0.05, reconnect_max_s=0.3, max_inflight=50)
+    rep = MqttReporter(params, device_id="dev-1", conn=connect(tmp_path / "agent.db"),
+                       status_provider=agent.status, report_now=agent.report_now,
+                       set_interval=agent.set_interval, rng=random.Random(1))
+    rep.start()
+    sink = mqtt_sink(mqtt_broker, ["devices/dev-1/commands/response"])
+    deadline = time.monotonic() + 10
+    while not rep.connected and time.monotonic() < deadline:
+        rep.tick(time.monotonic())
+        time.sleep(0.01)
+    fuzz = _fuzz_payloads(seed=261, count=521)
+    for payload in fuzz:
+        sink.publish("devices/dev-1/commands", payload)
+        rep.tick(time.monotonic())
+    deadline = time.monotonic() + 60
+    while len(sink.messages()) < len(fuzz) and time.monotonic() < deadline:
+        rep.tick(time.monotonic())
+        time.sleep(0.01)
+    for _ in range(20):  # a few more rounds: a second reply to anything would show up here
+        rep.tick(time.monotonic())
+        time.sleep(0.01)
+    replies = sink.json_messages()
+    assert len(replies) == len(fuzz), rep.status()
+    assert len({r["messageId"] for r in replies}) == len(replies)
+    ids = [r["id"] for r in replies if r["id"] is not None]
+    assert len(ids) == len(set(ids))  # no request id answered twice
+    assert {"n3", "n4", "n9", "n10"} <= set(ids)  # n2 (5,000 digits) cannot be parsed: its reply has no id
+    by_id = {r["id"]: r for r in replies if r["id"] is not None}
+    assert by_id["n3"]["error"]["code"] == "invalid_args"
+    assert all(r.get("error", {}).get("code") != "internal_error" for r in replies)
+    stats = rep.status()
+    assert stats["commands"]["received"] == len(fuzz) and stats["mqtt"]["inbound_dropped"] == 0
+    rep.stop()
