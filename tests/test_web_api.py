@@ -309,3 +309,23 @@ def test_fleet_serve_refuses_exposure_without_credentials(tmp_path, capsys, monk
     monkeypatch.delenv("EDGE_FLEET_SERVE_TOKEN", raising=False)
     assert fleet_cli.main(["serve", "--config", str(cfg), "--bind", "0.0.0.0", "--port", "0"]) == 2
     assert "web.token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1e400", "-1e400", "nan", "inf", "1e300", "99999999999999999w"])
+def test_out_of_range_times_are_a_400_with_the_reason(server, value):
+    status, _, body = get(f"{server.url}api/series?since={value}")
+    assert status == 400, body
+    assert "since" in json.loads(body)["error"] and "range" in json.loads(body)["error"]
+    assert get(f"{server.url}api/events?until={value}")[0] == 400
+
+
+def test_time_parsing_refuses_non_finite_and_out_of_range_values():
+    from agent.timeparse import parse_duration_s, parse_time_arg, parse_timestamp_s
+
+    for bad in ("1e400", "NaN", "-inf", "1e13", "-1e12"):
+        with pytest.raises(ValueError, match="out of range"):
+            parse_timestamp_s(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        parse_duration_s("9" * 400 + "s")
+    assert parse_time_arg("1700000000", 0.0) == 1.7e9 and parse_time_arg("1h", 7200.0) == 3600.0
+    assert parse_timestamp_s("2024-01-01T00:00:00Z") == 1704067200.0
