@@ -115,8 +115,12 @@ class ModelsSection:
 @dataclass(frozen=True)
 class MetricsSection:
     enabled: bool = _opt(False, "Serve Prometheus metrics over HTTP.")
-    bind: str = _opt("127.0.0.1", "Listen address; keep it local unless a firewall protects the device.")
+    bind: str = _opt("127.0.0.1", "Listen address; beyond loopback a token or basic auth is required.")
     port: int = _opt(9848, "Listen port.", min=1, max=65535)
+    token: str = _opt("", "Scrape token: 'Authorization: Bearer <token>' (Prometheus' authorization).")
+    basic_user: str = _opt("", "HTTP basic auth user name (with basic_password).")
+    basic_password: str = _opt("", "HTTP basic auth password.")
+    allow_unauthenticated: bool = _opt(False, "Allow a non-loopback bind without token or basic auth.")
 
 
 @dataclass(frozen=True)

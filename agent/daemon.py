@@ -321,7 +321,10 @@ def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
     if config.metrics.enabled:
         from agent.prometheus import MetricsParams, MetricsServer
 
-        server = MetricsServer(MetricsParams(enabled=True, bind=config.metrics.bind, port=config.metrics.port),
+        mc = config.metrics
+        server = MetricsServer(MetricsParams(enabled=True, bind=mc.bind, port=mc.port, token=mc.token,
+                                             basic_user=mc.basic_user, basic_password=mc.basic_password,
+                                             allow_unauthenticated=mc.allow_unauthenticated),
                                clock=daemon.clock.monotonic)
         daemon.add_snapshot_sink(server.publish)
         components.append(server)

@@ -1,7 +1,11 @@
 """Optional Prometheus endpoint: text exposition format 0.0.4, written by hand.
 
 Off by default and bound to 127.0.0.1: a device should not grow a listening
-port unless its operator asks for one.  The main loop owns every piece of
+port unless its operator asks for one.  The web page's exposure rule applies
+(``agent.web.check_exposure``): a bind beyond loopback without ``token`` or
+``basic_user``/``basic_password`` is refused at start (logged, the endpoint
+stays off) unless ``allow_unauthenticated = true``; with a credential every
+scrape must carry it (Prometheus' ``authorization`` or ``basic_auth``).  The main loop owns every piece of
 state; once per tick it hands over a snapshot (a plain dict) that
 :meth:`MetricsServer.publish` deep-freezes and swaps in with one reference
 assignment.  The HTTP thread only ever reads the current frozen snapshot, so
@@ -35,12 +39,14 @@ import logging
 import math
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from agent.httpserve import LocalHTTPServer, serve_in_thread, shutdown
+from agent.web import Authenticator, WebConfigError, check_exposure
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,14 @@ class MetricsParams:
     enabled: bool = False
     bind: str = "127.0.0.1"
     port: int = 9848  # 0 picks a free port (tests)
+    token: str = ""
+    basic_user: str = ""
+    basic_password: str = ""
+    allow_unauthenticated: bool = False
+
+    @property
+    def has_auth(self) -> bool:
+        return bool(self.token) or bool(self.basic_user and self.basic_password)
 
 
 # -- exposition format -------------------------------------------------------------
@@ -224,7 +238,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _serve(self, head: bool) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        auth = self.server.exporter.auth
+        if auth is not None and not auth.check(self.headers, urllib.parse.parse_qs(query))[0]:
+            self.server.exporter.refused += 1
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="edge-agent"' if auth.basic else 'Bearer realm="edge-agent"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if path == "/metrics":
             self._send(200, self.server.exporter.exposition().encode(), CONTENT_TYPE, head)
         elif path == "/":
@@ -259,6 +281,9 @@ class MetricsServer:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.scrapes = 0
+        self.refused = 0  # scrapes without the configured credential
+        self.auth: Authenticator | None = None
+        self.error: str | None = None
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -268,6 +293,13 @@ class MetricsServer:
     def start(self, ctx: Any = None) -> None:
         if not self.params.enabled or self._server is not None:
             return
+        try:
+            check_exposure(self.params, section="metrics")
+        except WebConfigError as exc:  # an open endpoint on the LAN: stay off, say why
+            self.error = str(exc)
+            log.error("metrics endpoint disabled: %s", exc)
+            return
+        self.auth = Authenticator(self.params) if self.params.has_auth else None
         try:
             self._server = _Server((self.params.bind, self.params.port), self)
         except OSError as exc:  # a taken port must not stop the agent from sampling
@@ -303,6 +335,8 @@ class MetricsServer:
             "enabled": self.params.enabled,
             "listening": f"{address[0]}:{address[1]}" if address else None,
             "scrapes": self.scrapes,
+            **({"refused": self.refused} if self.auth is not None else {}),
+            **({"error": self.error} if self.error else {}),
         }}
 
 

@@ -101,15 +101,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(params: WebParams) -> None:
-    """Refuse settings that would publish the page unauthenticated beyond this machine."""
+def check_exposure(params: Any, section: str = "web") -> None:
+    """Refuse settings that would publish the page unauthenticated beyond this machine.
+
+    ``params`` is any settings object with bind, token, basic_user, basic_password,
+    allow_unauthenticated and has_auth: the Prometheus endpoint follows the same rule."""
+    s = section
     if bool(params.basic_user) != bool(params.basic_password):
-        raise WebConfigError("web.basic_user and web.basic_password must be set together")
+        raise WebConfigError(f"{s}.basic_user and {s}.basic_password must be set together")
     if not is_loopback(params.bind) and not params.has_auth and not params.allow_unauthenticated:
         raise WebConfigError(
-            f"web.bind = {params.bind!r} is reachable from other machines but no web.token or "
-            "web.basic_user/basic_password is set; set one, bind 127.0.0.1, or set "
-            "web.allow_unauthenticated = true to accept the risk")
+            f"{s}.bind = {params.bind!r} is reachable from other machines but no {s}.token or "
+            f"{s}.basic_user/basic_password is set; set one, bind 127.0.0.1, or set "
+            f"{s}.allow_unauthenticated = true to accept the risk")
 
 
 # -- responses ----------------------------------------------------------------------------

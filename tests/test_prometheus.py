@@ -233,3 +233,83 @@ def test_ipv6_loopback() -> None:
         assert value(fams, "edge_agent_samples", "edge_agent_samples_total") == 3
     finally:
         srv.stop()
+
+
+def _lan_address() -> str | None:
+    """A non-loopback address of this machine to bind to, or None (a sandbox with loopback only)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent, the kernel only picks a route
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_binding_beyond_loopback_without_a_credential_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    for bind in ("0.0.0.0", "::"):
+        srv = MetricsServer(MetricsParams(enabled=True, bind=bind, port=0))
+        with caplog.at_level(logging.ERROR, logger="agent.prometheus"):
+            srv.start()
+        try:
+            assert srv.address is None  # nothing listens
+            status = srv.status()["metrics"]
+            assert status["listening"] is None and "metrics.token" in status["error"]
+        finally:
+            srv.stop()
+    assert "metrics endpoint disabled" in caplog.text and "metrics.allow_unauthenticated" in caplog.text
+    srv = MetricsServer(MetricsParams(enabled=True, bind="0.0.0.0", port=0, basic_user="prom"))
+    srv.start()
+    assert srv.address is None and "basic_password" in srv.status()["metrics"]["error"]  # half a credential
+
+
+def test_allow_unauthenticated_opts_in_to_an_open_endpoint() -> None:
+    srv = MetricsServer(MetricsParams(enabled=True, bind="0.0.0.0", port=0, allow_unauthenticated=True))
+    srv.start()
+    try:
+        srv.publish(snapshot())
+        port = (srv.address or ("", 0))[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("auth", ["token", "basic"])
+def test_a_credential_allows_a_lan_bind_and_every_scrape_must_carry_it(auth: str) -> None:
+    import base64
+
+    creds = {"token": "s3cret"} if auth == "token" else {"basic_user": "prom", "basic_password": "pw"}
+    bind = _lan_address() or "0.0.0.0"
+    srv = MetricsServer(MetricsParams(enabled=True, bind=bind, port=0, **creds))
+    srv.start()
+    try:
+        assert srv.address is not None
+        srv.publish(snapshot())
+        host = bind if bind != "0.0.0.0" else "127.0.0.1"
+        url = f"http://{host}:{srv.address[1]}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(url, timeout=10)
+        assert exc.value.code == 401 and exc.value.headers["WWW-Authenticate"]
+        wrong = "Bearer nope" if auth == "token" else "Basic " + base64.b64encode(b"prom:nope").decode()
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": wrong}), timeout=10)
+        good = "Bearer s3cret" if auth == "token" else "Basic " + base64.b64encode(b"prom:pw").decode()
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": good}), timeout=10) as resp:
+            fams = families(resp.read().decode())
+        assert value(fams, "edge_agent_samples", "edge_agent_samples_total") == 42
+        assert srv.status()["metrics"]["refused"] == 2
+    finally:
+        srv.stop()
+
+
+def test_metrics_credentials_come_from_the_config(tmp_path) -> None:
+    from agent import config
+    from agent.daemon import Daemon, build_components
+
+    cfg = config.parse({"agent": {"state_dir": str(tmp_path)}, "mqtt": {"enabled": False},
+                        "metrics": {"enabled": True, "bind": "0.0.0.0", "port": 1, "token": "t0k"}}, {})
+    (srv,) = [c for c in build_components(cfg, Daemon(cfg)) if c.name == "metrics"]
+    assert (srv.params.bind, srv.params.token, srv.params.has_auth) == ("0.0.0.0", "t0k", True)
+    open_cfg = config.parse({"metrics": {"bind": "0.0.0.0", "allow_unauthenticated": True}}, {})
+    assert open_cfg.metrics.allow_unauthenticated is True
