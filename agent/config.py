@@ -83,7 +83,11 @@ class MqttSection:
     drain_budget_s: float = _opt(0.2, "Most time per tick spent draining a backlog.", min=0.0, max=5.0)
     subscribe_models: bool = _opt(True, "Subscribe to the model bundle topics.")
     max_inbound_queue: int = _opt(1000, "Inbound messages beyond this are dropped and counted.", min=1)
-    shutdown_timeout_s: float = _opt(2.0, "Wait this long for the 'offline' PUBACK on stop.", min=0.0, max=30.0)
+    shutdown_timeout_s: float = _opt(2.0, "On stop, wait this long for the queued messages' and 'offline' PUBACKs.",
+                                     min=0.0, max=30.0)
+    telemetry_interval_s: float = _opt(60.0, "Seconds between telemetry batches; each carries the samples "
+                                       "committed since the last (a durable cursor: none lost on a crash).",
+                                       min=0.1, max=3600.0)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from agent.store import RateLimitedLog, Store
 log = logging.getLogger(__name__)
 
 CLOCK_JUMP_TOLERANCE_S = 2.0
+AtomicEmitter = Callable[[str, dict[str, Any], int, Callable[[Any], None]], "str | None"]
 RETENTION_EVERY_S = 60.0
 
 
@@ -94,18 +95,36 @@ class Daemon:
         self.started_at_s = 0.0
         self._errors = RateLimitedLog(log)
         self._emitter: Callable[[str, dict[str, Any], int], None] | None = None
+        self._atomic_emitter: AtomicEmitter | None = None
         self.last_sample: Sample | None = None
         self._snapshot_sinks: list[Callable[[dict[str, Any]], None]] = []
         self._health_params = health_params(config)
 
     # -- wiring -------------------------------------------------------------------
-    def set_emitter(self, emitter: Callable[[str, dict[str, Any], int], None]) -> None:
-        """The MQTT publisher registers here; without one, outbound messages are not queued."""
+    def set_emitter(self, emitter: Callable[[str, dict[str, Any], int], None],
+                    atomic: "AtomicEmitter | None" = None) -> None:
+        """The MQTT publisher registers here; without one, outbound messages are not queued.
+
+        ``atomic(kind, payload, priority, write)`` stores one message and runs ``write(conn)``
+        in the same transaction (both commit or neither); it returns the message id, None when
+        the outbox refused the message, and raises sqlite3.Error when the disk did."""
         self._emitter = emitter
+        self._atomic_emitter = atomic
 
     def emit(self, kind: str, payload: dict[str, Any], priority: int = 0) -> None:
         if self._emitter is not None:
             self._emitter(kind, payload, priority)
+
+    @property
+    def can_emit_atomic(self) -> bool:
+        return self._atomic_emitter is not None
+
+    def emit_atomic(self, kind: str, payload: dict[str, Any], priority: int,
+                    write: Callable[[Any], None]) -> str | None:
+        """Queue a message together with the caller's own write (e.g. a cursor); see set_emitter."""
+        if self._atomic_emitter is None:
+            raise RuntimeError("no publisher accepts atomic messages")
+        return self._atomic_emitter(kind, payload, priority, write)
 
     def add_snapshot_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
         """Receivers of a per-tick status snapshot (the Prometheus endpoint)."""
@@ -309,7 +328,8 @@ def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
                 extra.update(c.twin())
         return extra
 
-    reporter = Reporter(models=manager.models, extra=twin_extra)
+    reporter = Reporter(telemetry_interval_s=config.mqtt.telemetry_interval_s, models=manager.models,
+                        extra=twin_extra)
     manager.on_change(reporter.report_now)  # the twin shows a model change at once
     if config.mqtt.enabled:
         from agent.transport import MqttReporter, params_from_sections

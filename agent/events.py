@@ -14,7 +14,7 @@ import logging
 import sqlite3
 from typing import Any, Iterator
 
-from agent.store import Store
+from agent.store import RateLimitedLog, Store
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class EventLog:
         self.max_rows = max_rows
         self.counts: collections.Counter[str] = collections.Counter()  # opened episodes by severity
         self.write_errors = 0
+        self._errors = RateLimitedLog(log)  # a full disk fails every record: one line a minute, with a count
         store.migrate("events", MIGRATIONS)
 
     def record(self, event: dict[str, Any], now_s: float) -> bool:
@@ -67,7 +68,7 @@ class EventLog:
                 )
         except sqlite3.Error as exc:
             self.write_errors += 1
-            log.error("cannot store event %s (%s): %s", event["id"], event.get("kind"), exc)
+            self._errors.warning("record", "cannot store event %s (%s): %s", event["id"], event.get("kind"), exc)
             return False
         return True
 

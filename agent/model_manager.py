@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 from agent import payloads
 from agent.outbox import PRIORITY_NORMAL
 from agent.sampling import COUNTER_RATES
+from agent.store import RateLimitedLog
 from agent.updates import (
     POINTER, Decision, HealthMonitor, HealthParams, ModelUpdater, UpdateError, UpdaterParams, models_root,
     read_pointer,
@@ -157,6 +158,7 @@ class ModelManager:
         self._models: list[dict[str, Any]] | None = None
         self.last_error: str | None = None
         self.counts = {"accepted": 0, "rejected": 0, "rolled_back": 0, "confirmed": 0, "empty_ignored": 0}
+        self._errors = RateLimitedLog(log)  # disk trouble repeats every sample: one line a minute
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, ctx: Any) -> None:
@@ -362,7 +364,7 @@ class ModelManager:
             event = mon.observe(score_finite, is_anomaly, inference_s)
         except (OSError, sqlite3.Error) as exc:
             self.last_error = f"health check of {kind}: {exc}"
-            log.error("health check of %s could not record its verdict: %s", kind, exc)
+            self._errors.warning(f"health.{kind}", "health check of %s could not record its verdict: %s", kind, exc)
             return
         if mon.done:
             self._monitors.pop(kind, None)
@@ -391,7 +393,7 @@ class ModelManager:
                     self._emit(event)
             self.updater.drop_queued_events([i for i, _ in queued])
         except sqlite3.Error as exc:
-            log.warning("queued model events not published yet: %s", exc)
+            self._errors.warning("queued", "queued model events not published yet: %s", exc)
 
     # -- status -------------------------------------------------------------------------
     def _available(self) -> set[str]:

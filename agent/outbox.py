@@ -129,6 +129,17 @@ class Outbox:
     def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return immediate_transaction(self._conn)
 
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A transaction on the outbox's connection that ``put`` joins: a caller's own write
+        (a telemetry cursor) commits with the message or not at all."""
+        return self._transaction()
+
+    def recount(self) -> None:
+        """Re-read depth and bytes after an enclosing transaction rolled back a counted put."""
+        with contextlib.suppress(sqlite3.Error):
+            self.depth, self.bytes = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox").fetchone()
+
     def _count(self, conn: sqlite3.Connection, deltas: Mapping[str, int]) -> None:
         conn.executemany(
             "INSERT INTO outbox_counters (name, value) VALUES (?, ?) "

@@ -83,12 +83,16 @@ def twin_reported(device_id: str, ts_s: float, metrics: Mapping[str, float], *,
 def telemetry_batch(device_id: str, ts_s: float,
                     samples: Iterable[tuple[float, Mapping[str, float]]], *,
                     interval_s: float | None = None, metrics: Sequence[str] | None = None,
-                    message_id: str | None = None) -> dict:
+                    message_id: str | None = None,
+                    seq_range: tuple[int, int] | None = None) -> dict:
     """Columnar batch: one header row of names, one row per sample.
 
     Columnar because a 60-sample batch of ~25 metrics would otherwise repeat
     every name 60 times on a metered uplink.  A metric absent from a sample
-    (rates on the first sample) is null.
+    (rates on the first sample) is null.  ``seq_range`` (first, last) are the
+    device's sample sequence numbers: consecutive batches chain (the next
+    ``firstSeq`` follows the last ``lastSeq``), so a receiver can tell a gap
+    from a quiet device.
     """
     rows_in = list(samples)
     if metrics is None:
@@ -106,6 +110,8 @@ def telemetry_batch(device_id: str, ts_s: float,
     msg["intervalSeconds"] = _num(interval_s)
     msg["columns"] = ["ts_s"] + names
     msg["rows"] = rows
+    if seq_range is not None:
+        msg["firstSeq"], msg["lastSeq"] = int(seq_range[0]), int(seq_range[1])
     return msg
 
 

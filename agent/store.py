@@ -360,6 +360,18 @@ class Store:
         rows.reverse()
         return rows
 
+    def rows_after(self, after_seq: int, limit: int) -> list[tuple[int, float, dict[str, float]]]:
+        """Committed samples with ``seq > after_seq``, oldest first, with their seq: what a
+        durable cursor over the table (the telemetry reporter's) reads next."""
+        names = self.metric_names()
+        cols = ", ".join(["seq", "ts_s", *map(quote_ident, names)])
+        rows = self.conn.execute(f"SELECT {cols} FROM samples WHERE seq > ? ORDER BY seq LIMIT ?",
+                                 (int(after_seq), int(limit)))
+        return [(row[0], row[1], {n: v for n, v in zip(names, row[2:]) if v is not None}) for row in rows]
+
+    def max_seq(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(seq), 0) FROM samples").fetchone()[0])
+
     def latest_sample(self) -> Sample | None:
         if self._pending:
             return self._pending[-1]

@@ -46,7 +46,8 @@ from paho.mqtt.properties import Properties
 
 from agent import payloads
 from agent.commands import CommandParams, CommandRegistry, register_builtins
-from agent.outbox import PRIORITY_HIGH, Outbox, OutboxParams
+from agent.outbox import DEFAULT_DROP_RANK, DROP_RANK, PRIORITY_HIGH, Outbox, OutboxParams
+from agent.store import RateLimitedLog
 from agent.topics import TopicParams, Topics, resolve
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,7 @@ class MqttReporter:
         self.counts = {"connects": 0, "disconnects": 0, "connect_failures": 0, "acked": 0,
                        "rejected": 0, "requeued": 0, "write_errors": 0, "memory_dropped": 0,
                        "inbound": 0, "unroutable": 0}
+        self._errors = RateLimitedLog(log)  # a full disk fails every tick: one line a minute, with a count
         if conn is not None:
             self._open_outbox()
 
@@ -339,7 +341,7 @@ class MqttReporter:
                 self._store = ctx.store
             daemon = getattr(ctx, "daemon", None)
             if daemon is not None:
-                daemon.set_emitter(self.enqueue)
+                daemon.set_emitter(self.enqueue, self.enqueue_atomic)
                 self._status_provider = self._status_provider or daemon.runtime_status
                 self._set_interval = self._set_interval or daemon.set_interval
         if self._conn is None and self._store is None:
@@ -381,11 +383,12 @@ class MqttReporter:
         except sqlite3.Error as exc:
             self.counts["write_errors"] += 1
             self.last_error = f"outbox unavailable: {exc}"
-            log.warning("outbox unavailable (%s); messages wait in memory", exc)
+            self._errors.warning("open", "outbox unavailable (%s); messages wait in memory", exc)
             return False
         return self.outbox is not None
 
     def stop(self) -> None:
+        self._drain_before_stop()
         self._stopping = True
         if self.link is not None:
             self.link.stop(self.connected)
@@ -394,12 +397,68 @@ class MqttReporter:
         self.link = None
         self.connected = False
 
+    def _drain_before_stop(self) -> None:
+        """Publish what is queued (the reporter's final telemetry batch) and wait for the
+        PUBACKs, at most ``shutdown_timeout_s``; whatever is left waits in the outbox."""
+        if self.link is None or self.outbox is None or not self.connected:
+            return
+        deadline = time.monotonic() + self.params.shutdown_timeout_s
+        self._retry_unwritten()
+        while True:
+            self._process_events()
+            self._flush_acks()
+            self._fill_window()
+            remaining = deadline - time.monotonic()
+            if self.outbox.depth == 0 or not self.connected or remaining <= 0:
+                return
+            try:
+                self._handle(self._events.get(timeout=min(remaining, 0.1)))
+            except queue.Empty:
+                pass
+
     # -- producing ------------------------------------------------------------------
     def enqueue(self, kind: str, payload: Mapping[str, Any], priority: int = 0) -> str | None:
         """Queue one message durably; its message id, or None if it was refused.
 
         Adds the envelope (`messageId`, `deviceId`, `kind`, `timestamp`) where the
         payload lacks it, so every message can be deduplicated downstream."""
+        item = self._prepare(kind, payload, priority)
+        if item is None:
+            return None
+        if self._unwritten:  # keep order behind messages the disk refused earlier
+            self._hold(item)
+            return item[3]
+        stored = self._write(item)
+        if stored is None:
+            self._hold(item)
+        return item[3] if stored is not False else None
+
+    def enqueue_atomic(self, kind: str, payload: Mapping[str, Any], priority: int,
+                       write: Callable[[sqlite3.Connection], None]) -> str | None:
+        """Queue one message and run ``write(conn)`` in the same transaction: both commit or
+        neither.  Never held in memory: raises sqlite3.Error when the disk refuses, so the
+        caller (the telemetry cursor) knows nothing moved.  None when the outbox refused it."""
+        item = self._prepare(kind, payload, priority)
+        if item is None:
+            return None
+        if self.outbox is None and not self._open_outbox():
+            raise sqlite3.OperationalError(self.last_error or "outbox unavailable")
+        assert self.outbox is not None
+        kind, topic, data, message_id, priority, created_s, retain = item
+        try:
+            with self.outbox.transaction() as conn:
+                stored = self.outbox.put(kind, topic, data, message_id=message_id, priority=priority,
+                                         created_at_s=created_s, retain=retain)
+                if stored:
+                    write(conn)
+        except sqlite3.Error as exc:
+            self.counts["write_errors"] += 1
+            self.last_error = f"outbox write: {exc}"
+            self.outbox.recount()  # the put was counted before the transaction rolled back
+            raise
+        return message_id if stored else None
+
+    def _prepare(self, kind: str, payload: Mapping[str, Any], priority: int) -> tuple | None:
         now_s = self._wall()
         doc = dict(payload)
         doc.setdefault("messageId", payloads.new_message_id())
@@ -412,15 +471,8 @@ class MqttReporter:
         except (TypeError, ValueError) as exc:
             log.error("cannot queue %s message: %s", kind, exc)
             return None
-        item = (kind, topic, data, str(doc["messageId"]), int(priority), now_s,
+        return (kind, topic, data, str(doc["messageId"]), int(priority), now_s,
                 self.topics.retained(kind))
-        if self._unwritten:  # keep order behind messages the disk refused earlier
-            self._hold(item)
-            return item[3]
-        stored = self._write(item)
-        if stored is None:
-            self._hold(item)
-        return item[3] if stored is not False else None
 
     def _write(self, item: tuple) -> bool | None:
         """True: stored; False: refused by the outbox (too large, duplicate id);
@@ -434,15 +486,25 @@ class MqttReporter:
         except sqlite3.Error as exc:
             self.counts["write_errors"] += 1
             self.last_error = f"outbox write: {exc}"
-            log.warning("outbox write failed (%s); holding the message in memory", exc)
+            self._errors.warning("write", "outbox write failed (%s); holding %d messages in memory",
+                                 exc, len(self._unwritten) + 1)
             return None
 
     def _hold(self, item: tuple) -> None:
-        limit = max(16, self.outbox_params.max_rows // 100)
-        if len(self._unwritten) >= limit:
-            self._unwritten.popleft()
-            self.counts["memory_dropped"] += 1
+        """Keep a message the disk refused; when the hold is full, drop by the outbox's own rule:
+        the lowest kind rank first (telemetry, then twin, ..., anomalies last), then the lower
+        priority, then the oldest.  The newcomer competes too: a twin never evicts an anomaly."""
         self._unwritten.append(item)
+        limit = max(16, self.outbox_params.max_rows // 100)
+        if len(self._unwritten) <= limit:
+            return
+        victim = min(range(len(self._unwritten)), key=lambda i: (
+            DROP_RANK.get(self._unwritten[i][0], DEFAULT_DROP_RANK), self._unwritten[i][4], i))
+        kind = self._unwritten[victim][0]
+        del self._unwritten[victim]
+        self.counts["memory_dropped"] += 1
+        self._errors.warning("hold", "memory hold full (%d messages): dropped a %s message; %d dropped in total",
+                             limit, kind, self.counts["memory_dropped"])
 
     def _retry_unwritten(self) -> None:
         while self._unwritten and self._write(self._unwritten[0]) is not None:
@@ -589,7 +651,7 @@ class MqttReporter:
         except sqlite3.Error as exc:  # kept for the next tick; a re-send is harmless
             self.counts["write_errors"] += 1
             self.last_error = f"outbox delete: {exc}"
-            log.warning("could not delete acknowledged outbox rows: %s", exc)
+            self._errors.warning("delete", "could not delete acknowledged outbox rows: %s", exc)
         self.outbox.protected = set(self._inflight_rows)
 
     # -- inbound ----------------------------------------------------------------------
