@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 from agent import __version__
 from agent.config import AgentConfig
 from agent.health import HealthParams, loop_healthy
+from agent.liveness import LivenessLock
 from agent.notify import Notifier, Watchdog
 from agent.sampling import Clock, PsutilSource, Sample, Sampler, Source, SystemClock
 from agent.store import RateLimitedLog, Store
@@ -99,6 +100,7 @@ class Daemon:
         self.last_sample: Sample | None = None
         self._snapshot_sinks: list[Callable[[dict[str, Any]], None]] = []
         self._health_params = health_params(config)
+        self._liveness = LivenessLock(config.db_path.parent)
 
     # -- wiring -------------------------------------------------------------------
     def set_emitter(self, emitter: Callable[[str, dict[str, Any], int], None],
@@ -196,6 +198,7 @@ class Daemon:
             max_db_bytes=cfg.store.max_db_bytes,
             memory_buffer_rows=cfg.store.memory_buffer_rows,
         )
+        self._liveness.acquire()  # after the store made the state directory; `status` probes it
         source = self._source or PsutilSource(cfg.sampling.mounts, cfg.sampling.per_cpu, cfg.sampling.temperature)
         self.sampler = Sampler(source, cfg.sampling.mounts, self.clock)
         self.started_at_s = self.clock.time()
@@ -217,6 +220,7 @@ class Daemon:
             if not self.store.flush():
                 log.error("could not write %d buffered samples at shutdown", self.store.pending_count)
             self.store.close()
+        self._liveness.release()
         log.info("edge-agent stopped after %d samples", self.samples_taken)
 
     def _check_clock(self, sample: Sample, prev: tuple[float, float] | None, mono_s: float) -> None:

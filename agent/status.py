@@ -1,9 +1,13 @@
 """``edge-agent status``: what the database and the running agent say, without disturbing it.
 
 The database is opened read-only, so status works while the daemon runs and
-never creates a state directory by accident.  Live facts (MQTT connection,
-loop lag) come from the snapshot the daemon commits with every flush; a
-snapshot older than a few commit intervals means the agent is not running.
+never creates a state directory by accident.  Whether the agent runs is the
+kernel's answer (``agent.liveness``: the daemon holds a lock on its state
+directory), which needs no disk write: on a full disk the agent keeps running
+while its snapshot cannot be committed.  Live facts (MQTT connection, loop
+lag) come from the snapshot the daemon commits with every flush; without the
+lock (an agent of an older version) a snapshot older than a few commit
+intervals, or a dead pid, means the agent is not running.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from agent import liveness
 from agent.config import AgentConfig
 from agent.store import quote_ident
 
@@ -85,9 +90,13 @@ def collect(config: AgentConfig, now_s: float) -> dict[str, Any]:
             doc["last_sample"] = _latest_values(conn)
         runtime = runtime_snapshot(conn)
         fresh_s = 3 * config.store.commit_interval_s + 5 * config.agent.interval_s + 10.0
-        running = bool(runtime) and now_s - runtime.get("updated_at", 0) <= fresh_s and _pid_alive(runtime.get("pid"))
+        fresh = bool(runtime) and now_s - runtime.get("updated_at", 0) <= fresh_s and _pid_alive(runtime.get("pid"))
+        locked = liveness.probe(path.parent)
+        running = bool(locked) or fresh
         doc["running"] = running
         doc["runtime"] = runtime
+        if running and not fresh:  # alive, but its snapshot cannot be written (disk full or read-only)
+            doc["runtime_stale_s"] = round(now_s - float(runtime.get("updated_at", 0) or 0), 1) if runtime else None
         for reader in STATUS_READERS:
             reader(conn, doc, runtime if running else {})
     finally:

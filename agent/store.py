@@ -64,9 +64,20 @@ def immediate_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connecti
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        rollback(conn)  # a refused COMMIT leaves the transaction open: later writes would join it
+        raise
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """ROLLBACK if a transaction is still open: on SQLITE_FULL SQLite may already have rolled it
+    back itself, and a "cannot rollback - no transaction is active" must not hide the real error."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str]) -> int:
@@ -204,9 +215,13 @@ class Store:
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            rollback(conn)  # a COMMIT refused (disk full) leaves the transaction open
+            raise
         self.commits += 1
 
     def close(self) -> None:

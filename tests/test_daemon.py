@@ -152,12 +152,18 @@ def test_sigterm_flushes_and_exits_zero_within_two_seconds(tmp_path):
     cfg = _write_config(tmp_path, interval_s="0.05", commit_s="60")  # nothing committed until shutdown
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)], cwd=REPO,
                             stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # start-up (imports) takes seconds on a loaded machine: wait for the loop
+        lines.append(line)
+        if " started: " in line:
+            break
     time.sleep(1.5)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
     rc = proc.wait(timeout=10)
     elapsed = time.monotonic() - sent
-    assert rc == 0, proc.stderr.read()
+    assert rc == 0, "".join(lines) + rest
     assert elapsed < 2.0
     db = sqlite3.connect(tmp_path / "state" / "agent.db")
     assert db.execute("SELECT count(*) FROM samples").fetchone()[0] >= 10
