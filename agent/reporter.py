@@ -19,6 +19,7 @@ batch is queued, and the publisher drains it before it disconnects.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 from typing import Any, Callable
@@ -101,20 +102,23 @@ class Reporter:
             self._next_twin = now_mono_s + self.twin_interval_s
             self.send_twin()
 
-    def send_telemetry(self) -> int:
-        """Queue the committed samples after the cursor, in batches; returns how many were queued."""
+    def send_telemetry(self, max_batches: int | None = MAX_BATCHES_PER_TICK) -> int:
+        """Queue the committed samples after the cursor, in batches; returns how many were queued.
+        ``max_batches=None`` drains the whole backlog (at stop)."""
         daemon = self._ctx.daemon
         if not daemon.can_emit_atomic or not self._load_cursor():
             return 0  # no publisher (mqtt disabled): the cursor stays, nothing is owed yet
         sent = 0
-        for _ in range(MAX_BATCHES_PER_TICK):
-            n = self._send_batch(MAX_BATCH_ROWS)
+        rounds = itertools.count() if max_batches is None else range(max_batches)
+        for _ in rounds:
+            n, more = self._send_batch(MAX_BATCH_ROWS)
             sent += n
-            if n < MAX_BATCH_ROWS:
+            if not more:
                 break
         return sent
 
-    def _send_batch(self, limit: int) -> int:
+    def _send_batch(self, limit: int) -> tuple[int, bool]:
+        """(samples queued, whether more may follow right away)."""
         assert self._cursor is not None
         store = self._ctx.store
         try:
@@ -126,30 +130,37 @@ class Reporter:
                 rows = store.rows_after(0, limit)
         except sqlite3.Error as exc:
             self._errors.warning("read", "cannot read samples for telemetry: %s", exc)
-            return 0
+            return 0, False
+        more = len(rows) == limit
+        max_bytes = self._ctx.config.outbox.max_message_bytes
         while rows:
             first, last = rows[0][0], rows[-1][0]
             msg = payloads.telemetry_batch(self._ctx.config.device_id, self._ctx.clock.time(),
                                            [(ts, values) for _, ts, values in rows],
                                            interval_s=self._ctx.daemon.interval_s, seq_range=(first, last))
+            if len(rows) > 1 and len(payloads.encode(msg)) > max_bytes:
+                rows = rows[: len(rows) // 2]  # too large for one outbox message: fewer rows per batch
+                more = True
+                continue
             try:
                 mid = self._ctx.daemon.emit_atomic(
                     "telemetry", msg, PRIORITY_LOW, lambda conn: store.set_state(CURSOR_KEY, last, conn))
             except sqlite3.Error as exc:  # disk full or read-only: the samples stay after the cursor
                 self.write_errors += 1
                 self._errors.warning("write", "telemetry not queued (%s); retried next interval", exc)
-                return 0
+                return 0, False
             if mid is None:  # refused by the outbox as too large: send fewer rows per message
                 if len(rows) > 1:
                     rows = rows[: len(rows) // 2]
+                    more = True
                     continue
                 self._skip(last)
-                return 1
+                return 0, True
             self._cursor = last
             self.telemetry_sent += 1
             self.samples_sent += len(rows)
-            return len(rows)
-        return 0
+            return len(rows), more
+        return 0, False
 
     def _skip(self, seq: int) -> None:
         store = self._ctx.store
@@ -176,7 +187,7 @@ class Reporter:
         # Commit what the store still holds, then queue it: the final batch leaves before the publisher
         # (stopped after this component) disconnects, or waits in the outbox for the next start.
         self._ctx.store.flush()
-        self.send_telemetry()
+        self.send_telemetry(max_batches=None)
 
     def status(self) -> dict[str, Any]:
         return {"reporter": {"telemetry_sent": self.telemetry_sent, "samples_sent": self.samples_sent,

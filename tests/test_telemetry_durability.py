@@ -140,3 +140,44 @@ def test_kill_9_loop_during_a_broker_outage_delivers_every_stored_sample_once(tm
           f"{len(stored)} samples stored ({len(killed)} by the killed runs), {len(seqs)} delivered exactly once "
           f"in {unique} batches ({raw - unique} duplicate deliveries dropped by messageId)")
     assert "Traceback" not in log_path.read_text()
+
+
+def test_a_clean_stop_publishes_the_final_batch_split_to_fit_the_outbox(tmp_path, mqtt_broker, mqtt_sink):
+    """Telemetry every hour, stop after 90 samples: the stop itself commits them, queues them in
+    messages no larger than outbox.max_message_bytes, and the publisher drains them before it leaves."""
+    from agent import config
+    from agent.daemon import Daemon, build_components
+    from tests.fakes import FakeClock, FakeSource
+    from tests.test_daemon import StopAfter
+
+    cfg = config.parse({
+        "agent": {"device_id": "stop-1", "state_dir": str(tmp_path / "state"), "interval_s": 1.0},
+        "store": {"commit_interval_s": 600.0},  # nothing committed before the stop
+        "mqtt": {"host": mqtt_broker.host, "port": mqtt_broker.port, "telemetry_interval_s": 3600.0,
+                 "shutdown_timeout_s": 10.0},
+        "outbox": {"max_message_bytes": 8192},
+        "detect": {"forest_bootstrap": False}, "forecast": {"enabled": False},
+    }, {})
+    sink = mqtt_sink(mqtt_broker, ["devices/stop-1/telemetry"])
+    clock = FakeClock()
+    daemon = Daemon(cfg, source=FakeSource(clock), clock=clock, sleep=clock.sleep)
+    daemon.components = build_components(cfg, daemon) + [StopAfter(90)]
+    mqtt = next(c for c in daemon.components if c.name == "mqtt")
+    real_start = mqtt.start
+
+    def start_connected(ctx):  # the fake clock runs ahead: be connected before the first sample
+        real_start(ctx)
+        assert wait_until(lambda: (mqtt._process_events(), mqtt.connected)[1], 10)
+
+    mqtt.start = start_connected
+    assert daemon.run() == 0
+    db = sqlite3.connect(cfg.db_path)
+    assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == 90
+    assert db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0  # drained before disconnecting
+    assert db.execute("SELECT count(*) FROM outbox_counters WHERE name = 'dropped'").fetchone()[0] == 0
+    assert sink.wait_for(lambda m: sum(len(d["rows"]) for d in _unique_batches(m).values()) >= 90, 10), \
+        [(d["firstSeq"], d["lastSeq"], len(d["rows"])) for d in _unique_batches(sink.messages()).values()]
+    docs = sorted(_unique_batches(sink.messages()).values(), key=lambda d: d["firstSeq"])
+    assert len(docs) > 1 and all(len(m.payload) <= 8192 for m in sink.messages())
+    assert [d["firstSeq"] for d in docs] == [1] + [d["lastSeq"] + 1 for d in docs[:-1]]  # chained, no gap
+    assert docs[-1]["lastSeq"] == 90
