@@ -50,6 +50,19 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s
     return bool(predicate())
 
 
+def connect_before_first_sample(daemon: Any, timeout_s: float = 10.0) -> None:
+    """A daemon on a fake clock runs far ahead of real time: make its MQTT component wait for the
+    broker's CONNACK in start(), so the test's first sample already finds it connected."""
+    mqtt = next(c for c in daemon.components if c.name == "mqtt")
+    real_start = mqtt.start
+
+    def start_connected(ctx: Any) -> None:
+        real_start(ctx)
+        assert wait_until(lambda: (mqtt._process_events(), mqtt.connected)[1], timeout_s), mqtt.last_error
+
+    mqtt.start = start_connected
+
+
 # -- TLS material -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pki:

@@ -115,19 +115,25 @@ def test_a_redelivered_request_is_answered_without_running_twice(registry: Comma
     assert agent.reports == 1 and again.duplicate and again.result == first.result
 
 
-def test_commands_end_to_end_through_the_broker(tmp_path: Path, mqtt_broker, mqtt_sink, agent: Agent) -> None:
-    params = MqttParams(host=mqtt_broker.host, port=mqtt_broker.port, keepalive_s=2,
-                        reconnect_min_s=0.05, reconnect_max_s=0.3)
-    rep = MqttReporter(params, device_id="dev-1", conn=connect(tmp_path / "agent.db"),
-                       command_params=CommandParams(max_payload_bytes=512),
+def _connected_reporter(tmp_path: Path, broker, agent: Agent, **params: Any) -> MqttReporter:
+    """An MqttReporter wired to `agent`'s callables, ticked until it is connected."""
+    command_params = params.pop("command_params", CommandParams())
+    rep = MqttReporter(MqttParams(host=broker.host, port=broker.port, keepalive_s=2, reconnect_min_s=0.05,
+                                  reconnect_max_s=0.3, **params),
+                       device_id="dev-1", conn=connect(tmp_path / "agent.db"), command_params=command_params,
                        status_provider=agent.status, report_now=agent.report_now,
                        set_interval=agent.set_interval, rng=random.Random(1))
     rep.start()
-    sink = mqtt_sink(mqtt_broker, ["devices/dev-1/commands/response"])
     deadline = time.monotonic() + 10
     while not rep.connected and time.monotonic() < deadline:
         rep.tick(time.monotonic())
         time.sleep(0.01)
+    return rep
+
+
+def test_commands_end_to_end_through_the_broker(tmp_path: Path, mqtt_broker, mqtt_sink, agent: Agent) -> None:
+    sink = mqtt_sink(mqtt_broker, ["devices/dev-1/commands/response"])
+    rep = _connected_reporter(tmp_path, mqtt_broker, agent, command_params=CommandParams(max_payload_bytes=512))
     requests = [
         req("c1", "ping"),
         req("c2", "set-interval", {"interval_s": 5}),
@@ -237,17 +243,8 @@ def test_fuzzed_payloads_each_get_exactly_one_well_formed_outcome(agent: Agent) 
 
 def test_fuzzed_payloads_through_the_broker_each_get_one_reply(tmp_path: Path, mqtt_broker, mqtt_sink,
                                                                agent: Agent) -> None:
-    params = MqttParams(host=mqtt_broker.host, port=mqtt_broker.port, keepalive_s=2,
-                        reconnect_min_s=0.05, reconnect_max_s=0.3, max_inflight=50)
-    rep = MqttReporter(params, device_id="dev-1", conn=connect(tmp_path / "agent.db"),
-                       status_provider=agent.status, report_now=agent.report_now,
-                       set_interval=agent.set_interval, rng=random.Random(1))
-    rep.start()
     sink = mqtt_sink(mqtt_broker, ["devices/dev-1/commands/response"])
-    deadline = time.monotonic() + 10
-    while not rep.connected and time.monotonic() < deadline:
-        rep.tick(time.monotonic())
-        time.sleep(0.01)
+    rep = _connected_reporter(tmp_path, mqtt_broker, agent, max_inflight=50)
     fuzz = _fuzz_payloads(seed=261, count=521)
     for payload in fuzz:
         sink.publish("devices/dev-1/commands", payload)

@@ -19,7 +19,7 @@ from agent.daemon import Daemon, build_components
 from agent.outbox import OutboxParams
 from agent.store import connect
 from agent.transport import MqttParams, MqttReporter
-from tests.conftest import wait_until
+from tests.conftest import connect_before_first_sample, wait_until
 from tests.fakes import FakeClock, FakeSource, replace
 
 FULL_FROM, FULL_UNTIL, STOP_AT = 120, 720, 800  # samples (1 s apart): ten minutes of full disk
@@ -92,14 +92,7 @@ def test_a_full_disk_keeps_logs_bounded_status_running_and_loses_no_sample(tmp_p
     daemon = Daemon(cfg, source=source, clock=clock, sleep=clock.sleep)
     script = DiskFullScript(cfg)
     daemon.components = build_components(cfg, daemon) + [script]
-    mqtt = next(c for c in daemon.components if c.name == "mqtt")
-    real_start = mqtt.start
-
-    def start_connected(ctx):  # the fake clock runs ahead: be connected before the first sample
-        real_start(ctx)
-        assert wait_until(lambda: (mqtt._process_events(), mqtt.connected)[1], 10)
-
-    mqtt.start = start_connected
+    connect_before_first_sample(daemon)
     logging.getLogger("agent").addHandler(LOG)
     try:
         assert daemon.run() == 0

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import wait_until
+from tests.conftest import connect_before_first_sample, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "kill9"
@@ -162,14 +162,7 @@ def test_a_clean_stop_publishes_the_final_batch_split_to_fit_the_outbox(tmp_path
     clock = FakeClock()
     daemon = Daemon(cfg, source=FakeSource(clock), clock=clock, sleep=clock.sleep)
     daemon.components = build_components(cfg, daemon) + [StopAfter(90)]
-    mqtt = next(c for c in daemon.components if c.name == "mqtt")
-    real_start = mqtt.start
-
-    def start_connected(ctx):  # the fake clock runs ahead: be connected before the first sample
-        real_start(ctx)
-        assert wait_until(lambda: (mqtt._process_events(), mqtt.connected)[1], 10)
-
-    mqtt.start = start_connected
+    connect_before_first_sample(daemon)
     assert daemon.run() == 0
     db = sqlite3.connect(cfg.db_path)
     assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == 90
