@@ -36,7 +36,8 @@ def _default_state_dir() -> str:
 @dataclass(frozen=True)
 class AgentSection:
     device_id: str = _opt("", "Device id; empty means the host name.")
-    state_dir: Path = _opt(Path(_default_state_dir()), "Where the database and models live.")
+    state_dir: Path = _opt(Path(_default_state_dir()), "Where the database and models live; relative to the "
+                           "configuration file's directory (to the working directory without a file).")
     interval_s: float = _opt(1.0, "Seconds between samples.", min=0.01, max=3600.0)
     groups: tuple[str, ...] = _opt((), "Fleet groups this device belongs to (model bundles).")
     log_level: str = _opt("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -103,7 +104,8 @@ class CommandsSection:
 
 @dataclass(frozen=True)
 class ModelsSection:
-    trusted_keys: tuple[str, ...] = _opt((), "Paths of ed25519 public keys that may sign model bundles.")
+    trusted_keys: tuple[str, ...] = _opt((), "Paths of ed25519 public keys that may sign model bundles "
+                                          "(relative to the configuration file's directory).")
     max_bundle_bytes: int = _opt(16 * 1024 * 1024, "A larger bundle is refused before it is parsed.", min=1024)
     health_samples: int = _opt(300, "Samples a new model runs on trial before it is confirmed.", min=1)
     health_anomaly_rate_factor: float = _opt(3.0, "Roll back above this many times the previous model's anomaly rate.", min=1.0)
@@ -335,12 +337,35 @@ def resolve_path(cli_path: str | None, environ: Mapping[str, str] | None = None)
     return None
 
 
+def _relative_to(base: Path, value: Any) -> Any:
+    """A relative path string from a file, anchored at the file's directory (other values unchanged)."""
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str(base / value)
+    return value
+
+
+def anchor_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """Relative ``agent.state_dir`` and ``models.trusted_keys`` in a file mean relative to that file.
+
+    Why: `edge-agent status --config agent/agent.local.toml` must read the database `make run`
+    wrote whichever directory it is typed in. Environment overrides stay relative to the working
+    directory, like any path typed in a shell.
+    """
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    agent, models = out.get("agent"), out.get("models")
+    if isinstance(agent, dict) and "state_dir" in agent:
+        agent["state_dir"] = _relative_to(base, agent["state_dir"])
+    if isinstance(models, dict) and isinstance(models.get("trusted_keys"), list):
+        models["trusted_keys"] = [_relative_to(base, v) for v in models["trusted_keys"]]
+    return out
+
+
 def load(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Load the configuration the way every command does."""
     path = resolve_path(cli_path, environ)
     if path is None:
         return parse({}, environ, source="built-in default")
-    return parse(read_toml(path, ConfigError), environ, source=str(path))
+    return parse(anchor_paths(read_toml(path, ConfigError), path.absolute().parent), environ, source=str(path))
 
 
 def reference() -> list[tuple[str, str, Any, str]]:
