@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from models.features import spec_from_names
 from models.settings import SettingsError, build_section, option, read_toml, reference_rows, section_types, unknown
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -166,6 +167,11 @@ class DetectSection:
             raise ConfigError("detect.zscore_warmup: must not exceed detect.zscore_window")
         if not self.features:
             raise ConfigError("detect.features: expected at least one metric")
+        try:  # the daemon builds the same spec at start; refuse here, where the key can be named
+            spec_from_names(self.features)
+        except ValueError as exc:
+            raise ConfigError(f"detect.features: {exc}; use a percentage or a rate "
+                              "(e.g. system.memoryPercent, network.bytesReceivedPerSec)") from None
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,15 @@ def test_environment_state_dir_stays_relative_to_the_working_directory(tmp_path:
     assert config.load(str(conf), {}).agent.state_dir == tmp_path / "etc" / "state"
     assert config.load(str(conf), {}).models.trusted_keys == (str(tmp_path / "etc" / "keys/a.pub"), "/abs/b.pub")
     assert config.load(str(conf), {"EDGE_AGENT_AGENT_STATE_DIR": "var"}).agent.state_dir == Path("var")
+
+
+# -- "A configuration error prints one line naming the key and what is allowed, and exits 2" -------
+@pytest.mark.parametrize("command", [["status"], ["run"], ["export"]])
+def test_a_counter_as_detect_feature_is_a_config_error_for_every_command(tmp_path: Path, command: list[str]) -> None:
+    conf = write_config(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{tmp_path / "s"}"\n[mqtt]\nenabled = false\n'
+                        '[detect]\nfeatures = ["system.memoryTotal"]\n')
+    proc = cli(*command, "--config", str(conf), cwd=tmp_path, timeout_s=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "detect.features" in proc.stderr and "system.memoryTotal" in proc.stderr
+    assert not (tmp_path / "s").exists()  # nothing started
