@@ -87,10 +87,17 @@ def _cmd_export(cfg: AgentConfig, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     fmt = args.format or ("jsonl" if args.out and args.out.endswith((".jsonl", ".json")) else "csv")
+    if not cfg.db_path.exists():  # opening a Store would create an empty one and "export" nothing
+        raise UsageError(f"database {cfg.db_path} does not exist (has the agent run with this configuration?)")
     store = Store(cfg.db_path)
     if not store.available:
         raise UsageError(f"database {cfg.db_path} cannot be opened")
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    stored = store.metric_names()
+    unknown = sorted(set(metrics or ()) - set(stored))
+    if unknown:
+        store.close()
+        raise UsageError(f"--metrics: no such metric {', '.join(unknown)}; stored: {', '.join(stored)}")
     out = open(args.out, "w", newline="", encoding="utf-8") if args.out and args.out != "-" else sys.stdout
     try:
         rows = export(store, out, fmt, since, until, metrics)
@@ -117,6 +124,17 @@ def _cmd_train(cfg: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 used to mean "the default" without saying so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _value_range(text: str) -> tuple[str, float, float]:
     """COLUMN=LOW:HIGH -> (column, low, high); ValueError names the bad part."""
     col, sep, span = text.rpartition("=")
@@ -137,7 +155,7 @@ def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
     # [detect] thresholds and windows apply; the features are the CSV's columns
     value_cols = args.value_cols.split(",") if args.value_cols else None
     try:
-        params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows or None,
+        params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows,
                                      value_ranges=tuple(_value_range(v) for v in args.value_range))
         summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
                                 model_dir=args.model, params=params)
@@ -217,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timestamp-col", default="timestamp")
     p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
-    p.add_argument("--train-rows", type=int, help="rows used as the training window (default: 15%%, at most 750)")
+    p.add_argument("--train-rows", type=_positive_int, help="rows used as the training window (default: 15%%, at most 750)")
     p.add_argument("--value-range", action="append", default=[], metavar="COLUMN=LOW:HIGH",
                    help="a column's known range: its novelty bins are that range cut in 8 instead of "
                         "being learned on the training window (repeatable; NAB's harness gives every series')")
@@ -232,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--since", default="24h", help="start: ISO 8601, epoch seconds or an age (default: 24h)")
     p.add_argument("--until", help="end (default: the newest sample)")
-    p.add_argument("--points", type=int, default=2000, help="values per chart at most (min/max downsampling)")
+    p.add_argument("--points", type=_positive_int, default=2000, help="values per chart at most (min/max downsampling)")
     p.add_argument("--out", required=True, help="output .html file")
 
     cli_models.add_parser(sub)

@@ -94,3 +94,71 @@ def test_a_counter_as_detect_feature_is_a_config_error_for_every_command(tmp_pat
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "detect.features" in proc.stderr and "system.memoryTotal" in proc.stderr
     assert not (tmp_path / "s").exists()  # nothing started
+
+
+# -- bad input never exits 0 ------------------------------------------------------------------
+def _sampled(tmp_path: Path, samples: int = 12) -> Path:
+    """A config whose state holds real samples written by the real daemon (fake psutil and clock)."""
+    from agent.daemon import Daemon
+    from tests.fakes import FakeClock, FakeSource
+    from tests.test_daemon import StopAfter
+
+    conf = write_config(tmp_path / "agent.toml", '[agent]\ndevice_id = "bad-in"\nstate_dir = "state"\n'
+                        '[mqtt]\nenabled = false\n')
+    clock = FakeClock(wall_s=time.time() - samples)
+    Daemon(config.load(str(conf), {}), source=FakeSource(clock), clock=clock, components=[StopAfter(samples)],
+           sleep=clock.sleep).run()
+    return conf
+
+
+def test_export_of_an_unknown_metric_is_refused_and_names_the_stored_ones(tmp_path: Path) -> None:
+    conf = _sampled(tmp_path)
+    proc = cli("export", "--config", str(conf), "--metrics", "system.cpuUsage,nosuch.metric", "--out", "x.csv",
+               cwd=tmp_path)
+    assert proc.returncode == 2 and "nosuch.metric" in proc.stderr and "system.cpuUsage" in proc.stderr
+    assert not (tmp_path / "x.csv").exists()
+    ok = cli("export", "--config", str(conf), "--metrics", "system.cpuUsage", "--out", "y.csv", cwd=tmp_path)
+    assert ok.returncode == 0 and len((tmp_path / "y.csv").read_text().splitlines()) == 13
+
+
+@pytest.mark.parametrize("command", [["export", "--out", "x.csv"], ["report", "--out", "x.html"]])
+def test_export_and_report_without_a_database_fail_and_create_nothing(tmp_path: Path, command: list[str]) -> None:
+    conf = write_config(tmp_path / "agent.toml", '[agent]\nstate_dir = "nostate"\n[mqtt]\nenabled = false\n')
+    for _ in range(2):  # the second run must not find a database the first one created
+        proc = cli(*command, "--config", str(conf), cwd=tmp_path)
+        assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
+    assert not (tmp_path / "nostate").exists() and not (tmp_path / command[-1]).exists()
+
+
+def test_report_of_an_empty_database_fails(tmp_path: Path) -> None:
+    from agent.store import Store
+
+    conf = write_config(tmp_path / "agent.toml", '[agent]\nstate_dir = "state"\n[mqtt]\nenabled = false\n')
+    Store(config.load(str(conf), {}).db_path).close()
+    proc = cli("report", "--config", str(conf), "--out", "r.html", cwd=tmp_path)
+    assert proc.returncode == 2 and "no samples" in proc.stderr and not (tmp_path / "r.html").exists()
+
+
+def test_replay_of_a_csv_without_numbers_is_refused(tmp_path: Path) -> None:
+    text = tmp_path / "text.csv"
+    text.write_text("timestamp,host,state\n" + "".join(f"{1700000000 + i},pi-{i},ok\n" for i in range(50)))
+    proc = cli("replay", str(text), "--out", "o.csv", cwd=tmp_path)
+    assert proc.returncode == 2 and "no numeric value column" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o.csv").exists()
+    proc = cli("replay", str(text), "--out", "o.csv", "--value-cols", "state", cwd=tmp_path)
+    assert proc.returncode == 2 and "without a single number: state" in proc.stderr
+    # a text column beside a numeric one is left out, the numeric one is scored
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("timestamp,host,value\n" + "".join(f"{1700000000 + i},pi,{i % 7}\n" for i in range(60)))
+    proc = cli("replay", str(mixed), "--out", "o.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 61
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "ten"])
+def test_replay_train_rows_must_be_positive(tmp_path: Path, value: str) -> None:
+    data = tmp_path / "v.csv"
+    data.write_text("timestamp,value\n" + "".join(f"{1700000000 + i},{i % 5}\n" for i in range(40)))
+    proc = cli("replay", str(data), "--out", "o.csv", "--train-rows", value, cwd=tmp_path)
+    assert proc.returncode == 2 and "--train-rows" in proc.stderr and "integer >= 1" in proc.stderr
+    assert not (tmp_path / "o.csv").exists()
