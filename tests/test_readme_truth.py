@@ -162,3 +162,30 @@ def test_replay_train_rows_must_be_positive(tmp_path: Path, value: str) -> None:
     proc = cli("replay", str(data), "--out", "o.csv", "--train-rows", value, cwd=tmp_path)
     assert proc.returncode == 2 and "--train-rows" in proc.stderr and "integer >= 1" in proc.stderr
     assert not (tmp_path / "o.csv").exists()
+
+
+# -- "--version must grow for each target": the fleet numbers above what devices saw ----------------
+def test_fleet_versions_continue_above_a_version_the_device_named_in_a_model_event(tmp_path: Path) -> None:
+    from agent.payloads import model_event
+    from fleet.collect import Collector
+    from fleet.config import config_from_dict
+    from fleet.registry import Registry
+    from fleet.store import open_store
+    from models.bundle import Target
+
+    cfg = config_from_dict({"fleet": {"state_dir": str(tmp_path / "fleet")}}, {})
+    store = open_store(cfg.store_url)
+    collector = Collector(store, cfg)
+    pi = Target("device", "pi-01")
+    assert Registry(store).next_version(pi) == 1
+    # the hand-made v1 of the README's "Shipping a model", as the device reports it (no twin collected),
+    # and a rolled-back v3: refused by the device for good
+    for event, version in (("installed", 1), ("rolled_back", 3)):
+        doc = model_event("pi-01", time.time(), event=event, model_kind="forest", version=version,
+                          target=pi.label, reason=f"{event} forest v{version}")
+        collector.submit("devices/pi-01/model-events", json.dumps(doc).encode())
+    collector.pump(0.5)
+    assert collector.flush() and collector.stats.bad == {}
+    assert Registry(store).next_version(pi) == 4
+    assert Registry(store).next_version(Target("fleet", "all")) == 1  # other targets are not affected
+    store.close()
