@@ -189,3 +189,31 @@ def test_fleet_versions_continue_above_a_version_the_device_named_in_a_model_eve
     assert Registry(store).next_version(pi) == 4
     assert Registry(store).next_version(Target("fleet", "all")) == 1  # other targets are not affected
     store.close()
+
+
+# -- the report page shows "forest v1 fleet", not "forest v1 [object Object]" ---------------------
+from tests.test_missing_features import forest_dir, signed  # noqa: E402,F401  (module fixture + bundle helper)
+
+
+def test_report_and_status_show_the_model_target_as_its_label(tmp_path: Path, forest_dir: Path) -> None:
+    import sqlite3
+
+    from agent.updates import ModelUpdater
+    from models.forest import load_forest_model
+    from tests.fakes import FakeClock
+
+    conf = _sampled(tmp_path)
+    cfg = config.load(str(conf), {})
+    data, pub = signed(tmp_path, forest_dir, 1)
+    conn = sqlite3.connect(cfg.db_path, isolation_level=None)
+    updater = ModelUpdater(cfg.agent.state_dir, conn, [pub], cfg.device_id, (),
+                           available_metrics={"system.cpuUsage", "system.memoryPercent", "system.temperature"},
+                           clock=FakeClock(), loaders={"forest": load_forest_model})
+    assert updater.offer(data, "fleet/all/models").accepted
+    conn.close()
+    st = json.loads(cli("status", "--json", "--config", str(conf), cwd=tmp_path).stdout)
+    assert [(m["kind"], m["version"], m["target"]) for m in st["models"]] == [("forest", 1, "fleet")]
+    assert cli("report", "--config", str(conf), "--out", "r.html", cwd=tmp_path).returncode == 0
+    html = (tmp_path / "r.html").read_text()
+    payload = json.loads(re.search(r"window\.EDGE_DATA = (\{.*?\});\n", html, re.S).group(1))
+    assert [(m["kind"], m["target"]) for m in payload["status"]["models"]] == [("forest", "fleet")]
