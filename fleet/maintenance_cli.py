@@ -6,6 +6,7 @@ import their work lazily so ``edge-fleet --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,8 +33,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-fleet simulate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from fleet.simulate import find_nab
+
+    found, tried = find_nab(args.datasets or "")
+    if params.use_nab and found is None:
+        where = ", ".join(str(p / "nab") for p in tried)
+        if args.datasets:
+            print(f"edge-fleet simulate: --datasets: no NAB data at {where}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"edge-fleet simulate: no NAB data at {where}: synthetic noise (--datasets DIR or $EDGE_DATASETS)",
+              file=sys.stderr)
+    if params.use_nab and found is not None:
+        params = dataclasses.replace(params, datasets_dir=str(found))
     fleet = simulate_fleet(params)
     out: dict[str, Any] = {"summary": summary(fleet)}
+    out["noise"] = f"NAB traces from {found / 'nab'}" if fleet.noise == "nab" and found else "synthetic"
     if args.out:
         write_csv(fleet, args.out)
         out["out"] = str(args.out)
@@ -62,6 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         s = out["summary"]
         print(f"{s['devices']} devices, {s['days']} days, seed {s['seed']}: {s['samples']} samples, "
               f"{s['failures']} failures {s['by_cause']}")
+        print(f"noise: {out['noise']}")
         for k in ("out", "store", "published"):
             if k in out:
                 print(f"{k}: {out[k]}")
@@ -86,6 +101,8 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--failure-rate", type=float, default=0.06, metavar="R", help="failures per device-day")
     p.add_argument("--sudden-share", type=float, default=0.25, metavar="F", help="share without precursor")
     p.add_argument("--no-nab", action="store_true", help="synthetic noise instead of NAB traces")
+    p.add_argument("--datasets", metavar="DIR", help="the directory holding nab/ (default: $EDGE_DATASETS, "
+                   "then ../shared/datasets from the working directory, then beside the repository)")
     p.add_argument("--out", metavar="DIR", help="write <device>.csv, events.jsonl and truth.json here")
     p.add_argument("--store", metavar="URL", help="write into a fleet store (sqlite:///PATH or postgresql://)")
     p.add_argument("--truth", metavar="PATH", help="with --store: write the ground truth JSON here")

@@ -217,3 +217,29 @@ def test_report_and_status_show_the_model_target_as_its_label(tmp_path: Path, fo
     html = (tmp_path / "r.html").read_text()
     payload = json.loads(re.search(r"window\.EDGE_DATA = (\{.*?\});\n", html, re.S).group(1))
     assert [(m["kind"], m["target"]) for m in payload["status"]["models"]] == [("forest", "fleet")]
+
+
+# -- simulate: "noise cut from the NAB traces when ../shared/datasets/nab exists, synthetic otherwise" ----
+NAB = Path("/work/shared/datasets/nab") if Path("/work/shared/datasets/nab").is_dir() else \
+    REPO.parent / "shared" / "datasets" / "nab"
+
+
+def test_simulate_finds_nab_from_the_working_directory_and_says_which_noise(tmp_path: Path, monkeypatch) -> None:
+    if not (NAB / "data").is_dir():
+        pytest.skip("NAB data not available")
+    monkeypatch.delenv("EDGE_DATASETS", raising=False)
+    (tmp_path / "shared" / "datasets").mkdir(parents=True)
+    (tmp_path / "shared" / "datasets" / "nab").symlink_to(NAB.resolve())
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ("simulate", "--devices", "3", "--days", "1", "--seed", "2", "--out", "sim")
+    proc = cli(*args, cwd=work, module="fleet.cli")
+    assert proc.returncode == 0, proc.stderr
+    assert f"noise: NAB traces from {tmp_path / 'shared' / 'datasets' / 'nab'}" in proc.stdout
+    lonely = tmp_path / "lonely" / "dir"
+    lonely.mkdir(parents=True)
+    proc = cli(*args, "--json", cwd=lonely, module="fleet.cli")
+    if json.loads(proc.stdout)["noise"] == "synthetic":  # the repository's parent may hold NAB too
+        assert "no NAB data at" in proc.stderr and "synthetic noise" in proc.stderr
+    bad = cli(*args, "--datasets", str(tmp_path / "nowhere"), cwd=work, module="fleet.cli")
+    assert bad.returncode == 2 and "--datasets: no NAB data at" in bad.stderr
