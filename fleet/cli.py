@@ -98,6 +98,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edge-fleet", description="Fleet side: keys, signed model bundles, training, alerts.")
+    from agent import __version__
+
+    parser.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("keygen", help="create an ed25519 key pair for signing model bundles")
@@ -161,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error already printed (2)
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from agent import logsetup
+
+    logsetup.setup("WARNING")  # the agent's format: UTC timestamps, level, logger (plain values, no dicts)
     try:
         return COMMANDS[args.command](args)
     except (BundleUsageError, KeyFileError, BundleError) as exc:

@@ -6,6 +6,7 @@ directories other than the repository, because that is where a user types them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -243,3 +244,42 @@ def test_simulate_finds_nab_from_the_working_directory_and_says_which_noise(tmp_
         assert "no NAB data at" in proc.stderr and "synthetic noise" in proc.stderr
     bad = cli(*args, "--datasets", str(tmp_path / "nowhere"), cwd=work, module="fleet.cli")
     assert bad.returncode == 2 and "--datasets: no NAB data at" in bad.stderr
+
+
+# -- edge-fleet --version; fleet logs carry UTC timestamps and plain values -------------------------
+def test_edge_fleet_version_and_timestamped_logs(tmp_path: Path) -> None:
+    from agent import __version__
+    from tests.conftest import free_port
+
+    version = cli("--version", cwd=tmp_path, module="fleet.cli")
+    assert version.returncode == 0 and version.stdout.strip() == f"edge-fleet {__version__}"
+    conf = write_config(tmp_path / "fleet.toml", f'[fleet]\nstate_dir = "fl"\n[mqtt]\nport = {free_port()}\n')
+    proc = cli("collect", "--config", str(conf), "--duration", "1", "-v", cwd=tmp_path, module="fleet.cli")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and all(re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) fleet\.", ln)
+                         for ln in lines), lines
+    assert not any("{'" in ln for ln in lines)
+
+
+def test_fleet_summaries_are_logged_as_json_not_python_reprs(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    import threading
+
+    from fleet.collect import Collector
+    from fleet.config import config_from_dict
+    from fleet.store import open_store
+
+    from tests.conftest import free_port
+
+    # no broker listens there: the collector runs on, and its summary line is what is checked
+    cfg = config_from_dict({"fleet": {"state_dir": str(tmp_path / "fl")}, "mqtt": {"port": free_port()}}, {})
+    store = open_store(cfg.store_url)
+    collector = Collector(store, cfg)
+    stop = threading.Event()
+    with caplog.at_level(logging.INFO, logger="fleet.collect"):
+        timer = threading.Timer(0.5, stop.set)
+        timer.start()
+        collector.run(stop, report_every_s=0.0)
+    store.close()
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("collector: ")]
+    assert summaries and json.loads(summaries[0][len("collector: "):])["received"] == 0
