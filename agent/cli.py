@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -42,6 +43,29 @@ def _fmt_ts(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
 
 
+_BYTE_UNITS = ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
+
+
+def format_metric(name: str, value: float) -> str:
+    """A sample value for people, in the metric's unit ("6.62 GB", "1.2 kB/s", "12.5 %", "3.2 d"):
+    a raw 6.61944e+09 makes an operator count digits."""
+    base = re.sub(r"^(system\.cpuUsage)\.\d+$", r"\1", name.split(":", 1)[0])  # per mount, per core
+    if base.endswith("Percent") or base == "system.cpuUsage":
+        return f"{value:.1f} %"
+    is_rate = base.endswith("PerSec")
+    if "ytes" in base or re.fullmatch(r"system\.(memory|swap|disk)(Used|Total)", base):
+        div, unit = next(((d, u) for d, u in _BYTE_UNITS if abs(value) >= d), (1.0, "B"))
+        return f"{value / div:.3g} {unit}" + ("/s" if is_rate else "")
+    if base == "system.uptime":
+        for div, u in ((86400.0, "d"), (3600.0, "h"), (60.0, "min")):
+            if value >= div:
+                return f"{value / div:.1f} {u}"
+        return f"{value:.0f} s"
+    if base.endswith("temperature"):
+        return f"{value:.1f} °C"
+    return f"{value:.4g}" + ("/s" if is_rate else "")
+
+
 def _cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import status
 
@@ -71,7 +95,7 @@ def _cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
     if doc["last_sample"]:
         print("last sample")
         for name, value in sorted(doc["last_sample"].items()):
-            print(f"  {name:32s} {value:.6g}")
+            print(f"  {name:32s} {format_metric(name, value)}")
     return health.exit_code(problems)
 
 

@@ -283,3 +283,14 @@ def test_fleet_summaries_are_logged_as_json_not_python_reprs(caplog: pytest.LogC
     store.close()
     summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("collector: ")]
     assert summaries and json.loads(summaries[0][len("collector: "):])["received"] == 0
+
+
+# -- status prints values in their units, not raw floats ------------------------------------------
+def test_status_text_prints_units_not_raw_floats(tmp_path: Path) -> None:
+    conf = _sampled(tmp_path)
+    out = cli("status", "--config", str(conf), cwd=tmp_path).stdout
+    last = dict(re.findall(r"^  (\S+)\s+(.+)$", out.split("last sample\n", 1)[1], re.M))
+    assert last["system.memoryTotal"] == "1 GB" and last["system.memoryUsed"] == "400 MB"  # fake psutil: 1e9, 4e8
+    assert last["system.memoryPercent"] == "40.0 %" and last["system.cpuUsage"] == "12.0 %"
+    assert last["system.diskTotal"] == "32 GB" and last["network.bytesReceivedPerSec"] == "2 kB/s"
+    assert not re.search(r"\de\+\d", out)
