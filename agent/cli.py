@@ -31,12 +31,48 @@ class UsageError(Exception):
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="configuration file (default: $EDGE_AGENT_CONFIG, "
                    "then /etc/edge-agent/agent.toml, then the built-in local default)")
+    p.add_argument("-v", "--debug", action="store_true", help="log at DEBUG level (overrides agent.log_level)")
 
 
 def _cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import daemon
 
+    if args.once:
+        return _run_once(cfg)
     return daemon.run(cfg)
+
+
+def _run_once(cfg: AgentConfig) -> int:
+    from agent.oneshot import sample_and_score
+    from agent.sampling import PsutilSource, SystemClock
+
+    source = PsutilSource(cfg.sampling.mounts, cfg.sampling.per_cpu, cfg.sampling.temperature)
+    doc = sample_and_score(cfg, source, SystemClock(), time.sleep)
+    print(f"sample      {_fmt_ts(doc['ts_s'])}  device {doc['device_id']}  config {doc['config']}  "
+          "(nothing stored or sent)")
+    for name, value in sorted(doc["values"].items()):
+        print(f"  {name:32s} {format_metric(name, value)}")
+    version = f" v{doc['model_version']}" if doc["model_version"] is not None else ""
+    print(f"detector    {doc['detector']}{version}, warmed on {doc['warmed_on']} buffered samples"
+          + ("" if doc["zscore_ready"] else f" (z-score warming up: needs {cfg.detect.zscore_warmup})"))
+    if doc["forest_error"]:
+        print(f"  forest not loaded: {doc['forest_error']}")
+    forest = "-" if doc["forest_score"] is None else f"{doc['forest_score']:.4g}"
+    print(f"scores      score {doc['score']:.3g}  anomaly_score {doc['anomaly_score']:.3g}  "
+          f"severity {doc['severity']}  |z| max {doc['z_max']:.3g}  forest {forest}")
+    for text in doc["explanation"]:
+        print(f"  {text}")
+    return 0
+
+
+def _cmd_config(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    if args.sample:
+        sys.stdout.write(config_mod.EXAMPLE_PATH.read_text(encoding="utf-8"))
+        return 0
+    print(f"# effective configuration: {cfg.source} + EDGE_AGENT_* environment"
+          + ("" if args.show_secrets else "; secrets masked (--show-secrets)"))
+    sys.stdout.write(config_mod.render_toml(cfg, mask_secrets=not args.show_secrets))
+    return 0
 
 
 def _fmt_ts(ts: float | None) -> str:
@@ -215,6 +251,7 @@ def _cmd_report(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[AgentConfig, argparse.Namespace], int]] = {
     "run": _cmd_run,
+    "config": _cmd_config,
     "status": _cmd_status,
     "export": _cmd_export,
     "train": _cmd_train,
@@ -232,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the agent in the foreground")
     _add_config(p)
+    p.add_argument("--once", "--test", dest="once", action="store_true",
+                   help="print one sample and its scores (detector warmed on the buffer), store and send nothing")
+
+    p = sub.add_parser("config", help="print the effective configuration as TOML (or a sample one)")
+    _add_config(p)
+    p.add_argument("--sample", action="store_true", help="print the documented sample configuration instead")
+    p.add_argument("--show-secrets", action="store_true", help="print passwords and tokens instead of ***")
 
     p = sub.add_parser("status", help="show samples, events, outbox, connection and models")
     _add_config(p)
@@ -256,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="CSV with a timestamp column (ISO 8601 or epoch s) and numeric columns")
     p.add_argument("--out", required=True, help="output .csv (timestamp, score, anomaly_score, severity, episode_id) "
                    "or .jsonl")
-    p.add_argument("--timestamp-col", default="timestamp")
+    p.add_argument("--timestamp-col", default="timestamp", help="the timestamp column (default: timestamp)")
     p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
     p.add_argument("--train-rows", type=_positive_int, help="rows used as the training window (default: 15%%, at most 750)")
@@ -293,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # One-shot commands print their own result and errors; the daemon's log level is for `run`.
     level = cfg.agent.log_level if args.command == "run" or cfg.agent.log_level == "DEBUG" else "ERROR"
+    if getattr(args, "debug", False):
+        level = "DEBUG"
     logsetup.setup(level, cfg.agent.log_format)
     try:
         return COMMANDS[args.command](cfg, args)

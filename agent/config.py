@@ -8,6 +8,7 @@ exits 2, because a traceback tells an operator nothing about their typo.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -372,6 +373,38 @@ def load(cli_path: str | None = None, environ: Mapping[str, str] | None = None) 
     if path is None:
         return parse({}, environ, source="built-in default")
     return parse(anchor_paths(read_toml(path, ConfigError), path.absolute().parent), environ, source=str(path))
+
+
+EXAMPLE_PATH = Path(__file__).with_name("agent.example.toml")
+SECRET_KEYS = frozenset({"mqtt.password", "web.token", "web.basic_password"})
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def render_toml(cfg: AgentConfig, mask_secrets: bool = True) -> str:
+    """The effective configuration (file + environment + defaults) as TOML that parses back to it.
+
+    Why: with a file, an /etc default and environment overrides, "what is the agent actually
+    using?" deserves one command (``edge-agent config``), like ``telegraf config``."""
+    out: list[str] = []
+    for name in _sections():
+        section = getattr(cfg, name)
+        out.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if mask_secrets and f"{name}.{f.name}" in SECRET_KEYS and value:
+                value = "***"
+            out.append(f"{f.name} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
 
 
 def reference() -> list[tuple[str, str, Any, str]]:

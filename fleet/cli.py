@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artefacts", nargs="+", metavar="ARTEFACT_DIR_OR_FILES", help="model directories or files")
 
     p = sub.add_parser("verify", help="check a bundle's signature, hashes and contents")
-    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle file to check")
     p.add_argument("--pub", required=True, nargs="+", metavar="P", help="trusted public key file(s)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
     from agent import logsetup
 
-    logsetup.setup("WARNING")  # the agent's format: UTC timestamps, level, logger (plain values, no dicts)
+    if not logging.getLogger().handlers:  # like basicConfig: an embedding program's handlers stay
+        logsetup.setup("WARNING")  # the agent's format: UTC timestamps, level, logger
     try:
         return COMMANDS[args.command](args)
     except (BundleUsageError, KeyFileError, BundleError) as exc:

@@ -294,3 +294,81 @@ def test_status_text_prints_units_not_raw_floats(tmp_path: Path) -> None:
     assert last["system.memoryPercent"] == "40.0 %" and last["system.cpuUsage"] == "12.0 %"
     assert last["system.diskTotal"] == "32 GB" and last["network.bytesReceivedPerSec"] == "2 kB/s"
     assert not re.search(r"\de\+\d", out)
+
+
+# -- conveniences: edge-agent config, run --once/--test, -v/--debug, --help for every option -------
+def test_edge_agent_config_prints_the_effective_configuration_that_parses_back(tmp_path: Path) -> None:
+    import tomllib
+
+    conf = write_config(tmp_path / "agent.toml", '[agent]\ndevice_id = "cfg-1"\nstate_dir = "st"\n'
+                        '[mqtt]\nport = 8883\npassword = "hunter2"\n')
+    env = {"EDGE_AGENT_AGENT_GROUPS": "barn,north"}
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "config", "--config", str(conf)], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "hunter2" not in proc.stdout and 'password = "***"' in proc.stdout
+    shown = tomllib.loads(proc.stdout)
+    assert shown["agent"]["state_dir"] == str(tmp_path / "st") and shown["agent"]["groups"] == ["barn", "north"]
+    assert shown["mqtt"]["port"] == 8883 and shown["detect"]["z_warning"] == 4.0
+    shown["mqtt"]["password"] = "hunter2"
+    assert config.parse(shown, {}, source=str(conf)) == config.load(str(conf), env)
+    secrets = cli("config", "--config", str(conf), "--show-secrets", cwd=tmp_path)
+    assert 'password = "hunter2"' in secrets.stdout
+    sample = cli("config", "--sample", cwd=tmp_path)
+    assert sample.returncode == 0 and sample.stdout == (REPO / "agent" / "agent.example.toml").read_text()
+    config.parse(tomllib.loads(sample.stdout), {})  # the sample is a valid configuration
+
+
+def test_run_once_scores_one_sample_on_the_buffered_history_and_stores_nothing(tmp_path: Path) -> None:
+    from agent.oneshot import sample_and_score
+    from agent.store import Store
+    from tests.fakes import FakeClock, FakeSource
+
+    conf = _sampled(tmp_path, samples=60)
+    cfg = config.load(str(conf), {})
+    clock = FakeClock(wall_s=time.time())
+    spiky = FakeSource(clock, cpu_percent=97.0)   # the buffer saw 12 % all along
+    doc = sample_and_score(cfg, spiky, clock, clock.sleep)
+    assert doc["warmed_on"] == 60 and doc["zscore_ready"] and doc["values"]["system.cpuUsage"] == 97.0
+    assert doc["severity"] == "critical" and doc["z_max"] >= 6 and "system.cpuUsage" in doc["explanation"][0]
+    store = Store(cfg.db_path)
+    try:
+        assert len(store.samples()) == 60
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("flag", ["--once", "--test"])
+def test_run_once_on_this_machine_prints_a_sample_and_creates_no_state(tmp_path: Path, flag: str) -> None:
+    conf = write_config(tmp_path / "agent.toml", '[agent]\nstate_dir = "st"\ninterval_s = 0.2\n')
+    proc = cli("run", flag, "--config", str(conf), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "(nothing stored or sent)" in proc.stdout and re.search(r"^  system\.cpuUsage +\d+\.\d %$", proc.stdout, re.M)
+    assert "warmed on 0 buffered samples" in proc.stdout and "severity normal" in proc.stdout
+    assert not (tmp_path / "st").exists()
+    assert "warming the detector" not in proc.stderr
+    debug = cli("run", flag, "-v", "--config", str(conf), cwd=tmp_path)
+    assert re.search(r" DEBUG agent\.oneshot: warming the detector on 0 buffered samples", debug.stderr), debug.stderr
+    assert cli("run", flag, "--debug", "--config", str(conf), cwd=tmp_path).stderr.count(" DEBUG ") >= 1
+
+
+def _options(parser) -> list[tuple[str, str]]:
+    """(command, option) for every argument without help text, through every subcommand."""
+    import argparse
+
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _options(sub)
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+            out.append((parser.prog, "/".join(action.option_strings) or action.dest))
+    return out
+
+
+@pytest.mark.parametrize("module", ["agent.cli", "fleet.cli"])
+def test_every_option_of_every_command_has_help_text(module: str) -> None:
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    assert _options(parser) == []
