@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 run: venv
-	$(VENV)/bin/edge-agent run
+	$(VENV)/bin/edge-agent run --config agent/agent.local.toml
 
 test: venv
 	$(PY) -m pytest -q tests

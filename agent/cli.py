@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,16 +31,75 @@ class UsageError(Exception):
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="configuration file (default: $EDGE_AGENT_CONFIG, "
                    "then /etc/edge-agent/agent.toml, then the built-in local default)")
+    p.add_argument("-v", "--debug", action="store_true", help="log at DEBUG level (overrides agent.log_level)")
 
 
 def _cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import daemon
 
+    if args.once:
+        return _run_once(cfg)
     return daemon.run(cfg)
+
+
+def _run_once(cfg: AgentConfig) -> int:
+    from agent.oneshot import sample_and_score
+    from agent.sampling import PsutilSource, SystemClock
+
+    source = PsutilSource(cfg.sampling.mounts, cfg.sampling.per_cpu, cfg.sampling.temperature)
+    doc = sample_and_score(cfg, source, SystemClock(), time.sleep)
+    print(f"sample      {_fmt_ts(doc['ts_s'])}  device {doc['device_id']}  config {doc['config']}  "
+          "(nothing stored or sent)")
+    for name, value in sorted(doc["values"].items()):
+        print(f"  {name:32s} {format_metric(name, value)}")
+    version = f" v{doc['model_version']}" if doc["model_version"] is not None else ""
+    print(f"detector    {doc['detector']}{version}, warmed on {doc['warmed_on']} buffered samples"
+          + ("" if doc["zscore_ready"] else f" (z-score warming up: needs {cfg.detect.zscore_warmup})"))
+    if doc["forest_error"]:
+        print(f"  forest not loaded: {doc['forest_error']}")
+    forest = "-" if doc["forest_score"] is None else f"{doc['forest_score']:.4g}"
+    print(f"scores      score {doc['score']:.3g}  anomaly_score {doc['anomaly_score']:.3g}  "
+          f"severity {doc['severity']}  |z| max {doc['z_max']:.3g}  forest {forest}")
+    for text in doc["explanation"]:
+        print(f"  {text}")
+    return 0
+
+
+def _cmd_config(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    if args.sample:
+        sys.stdout.write(config_mod.EXAMPLE_PATH.read_text(encoding="utf-8"))
+        return 0
+    print(f"# effective configuration: {cfg.source} + EDGE_AGENT_* environment"
+          + ("" if args.show_secrets else "; secrets masked (--show-secrets)"))
+    sys.stdout.write(config_mod.render_toml(cfg, mask_secrets=not args.show_secrets))
+    return 0
 
 
 def _fmt_ts(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+_BYTE_UNITS = ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
+
+
+def format_metric(name: str, value: float) -> str:
+    """A sample value for people, in the metric's unit ("6.62 GB", "1.2 kB/s", "12.5 %", "3.2 d"):
+    a raw 6.61944e+09 makes an operator count digits."""
+    base = re.sub(r"^(system\.cpuUsage)\.\d+$", r"\1", name.split(":", 1)[0])  # per mount, per core
+    if base.endswith("Percent") or base == "system.cpuUsage":
+        return f"{value:.1f} %"
+    is_rate = base.endswith("PerSec")
+    if "ytes" in base or re.fullmatch(r"system\.(memory|swap|disk)(Used|Total)", base):
+        div, unit = next(((d, u) for d, u in _BYTE_UNITS if abs(value) >= d), (1.0, "B"))
+        return f"{value / div:.3g} {unit}" + ("/s" if is_rate else "")
+    if base == "system.uptime":
+        for div, u in ((86400.0, "d"), (3600.0, "h"), (60.0, "min")):
+            if value >= div:
+                return f"{value / div:.1f} {u}"
+        return f"{value:.0f} s"
+    if base.endswith("temperature"):
+        return f"{value:.1f} °C"
+    return f"{value:.4g}" + ("/s" if is_rate else "")
 
 
 def _cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
@@ -71,7 +131,7 @@ def _cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
     if doc["last_sample"]:
         print("last sample")
         for name, value in sorted(doc["last_sample"].items()):
-            print(f"  {name:32s} {value:.6g}")
+            print(f"  {name:32s} {format_metric(name, value)}")
     return health.exit_code(problems)
 
 
@@ -87,10 +147,17 @@ def _cmd_export(cfg: AgentConfig, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     fmt = args.format or ("jsonl" if args.out and args.out.endswith((".jsonl", ".json")) else "csv")
+    if not cfg.db_path.exists():  # opening a Store would create an empty one and "export" nothing
+        raise UsageError(f"database {cfg.db_path} does not exist (has the agent run with this configuration?)")
     store = Store(cfg.db_path)
     if not store.available:
         raise UsageError(f"database {cfg.db_path} cannot be opened")
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    stored = store.metric_names()
+    unknown = sorted(set(metrics or ()) - set(stored))
+    if unknown:
+        store.close()
+        raise UsageError(f"--metrics: no such metric {', '.join(unknown)}; stored: {', '.join(stored)}")
     out = open(args.out, "w", newline="", encoding="utf-8") if args.out and args.out != "-" else sys.stdout
     try:
         rows = export(store, out, fmt, since, until, metrics)
@@ -117,6 +184,17 @@ def _cmd_train(cfg: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 used to mean "the default" without saying so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _value_range(text: str) -> tuple[str, float, float]:
     """COLUMN=LOW:HIGH -> (column, low, high); ValueError names the bad part."""
     col, sep, span = text.rpartition("=")
@@ -137,7 +215,7 @@ def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
     # [detect] thresholds and windows apply; the features are the CSV's columns
     value_cols = args.value_cols.split(",") if args.value_cols else None
     try:
-        params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows or None,
+        params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows,
                                      value_ranges=tuple(_value_range(v) for v in args.value_range))
         summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
                                 model_dir=args.model, params=params)
@@ -173,6 +251,7 @@ def _cmd_report(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[AgentConfig, argparse.Namespace], int]] = {
     "run": _cmd_run,
+    "config": _cmd_config,
     "status": _cmd_status,
     "export": _cmd_export,
     "train": _cmd_train,
@@ -190,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the agent in the foreground")
     _add_config(p)
+    p.add_argument("--once", "--test", dest="once", action="store_true",
+                   help="print one sample and its scores (detector warmed on the buffer), store and send nothing")
+
+    p = sub.add_parser("config", help="print the effective configuration as TOML (or a sample one)")
+    _add_config(p)
+    p.add_argument("--sample", action="store_true", help="print the documented sample configuration instead")
+    p.add_argument("--show-secrets", action="store_true", help="print passwords and tokens instead of ***")
 
     p = sub.add_parser("status", help="show samples, events, outbox, connection and models")
     _add_config(p)
@@ -214,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="CSV with a timestamp column (ISO 8601 or epoch s) and numeric columns")
     p.add_argument("--out", required=True, help="output .csv (timestamp, score, anomaly_score, severity, episode_id) "
                    "or .jsonl")
-    p.add_argument("--timestamp-col", default="timestamp")
+    p.add_argument("--timestamp-col", default="timestamp", help="the timestamp column (default: timestamp)")
     p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
-    p.add_argument("--train-rows", type=int, help="rows used as the training window (default: 15%%, at most 750)")
+    p.add_argument("--train-rows", type=_positive_int, help="rows used as the training window (default: 15%%, at most 750)")
     p.add_argument("--value-range", action="append", default=[], metavar="COLUMN=LOW:HIGH",
                    help="a column's known range: its novelty bins are that range cut in 8 instead of "
                         "being learned on the training window (repeatable; NAB's harness gives every series')")
@@ -232,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--since", default="24h", help="start: ISO 8601, epoch seconds or an age (default: 24h)")
     p.add_argument("--until", help="end (default: the newest sample)")
-    p.add_argument("--points", type=int, default=2000, help="values per chart at most (min/max downsampling)")
+    p.add_argument("--points", type=_positive_int, default=2000, help="values per chart at most (min/max downsampling)")
     p.add_argument("--out", required=True, help="output .html file")
 
     cli_models.add_parser(sub)
@@ -251,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # One-shot commands print their own result and errors; the daemon's log level is for `run`.
     level = cfg.agent.log_level if args.command == "run" or cfg.agent.log_level == "DEBUG" else "ERROR"
+    if getattr(args, "debug", False):
+        level = "DEBUG"
     logsetup.setup(level, cfg.agent.log_format)
     try:
         return COMMANDS[args.command](cfg, args)

@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config(q)
     q = sub.add_parser("rollback", help="restore the previous version of KIND and refuse the current one")
-    q.add_argument("kind", metavar="KIND")
+    q.add_argument("kind", metavar="KIND", help="model kind to roll back, e.g. forest")
     q.add_argument("--reason", default="manual rollback (edge-agent models rollback)", help="recorded and reported")
     _add_config(q)
     q = sub.add_parser("install", help="install a signed bundle file (offline devices; same checks as MQTT)")

@@ -8,12 +8,14 @@ exits 2, because a traceback tells an operator nothing about their typo.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from models.features import spec_from_names
 from models.settings import SettingsError, build_section, option, read_toml, reference_rows, section_types, unknown
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -36,7 +38,8 @@ def _default_state_dir() -> str:
 @dataclass(frozen=True)
 class AgentSection:
     device_id: str = _opt("", "Device id; empty means the host name.")
-    state_dir: Path = _opt(Path(_default_state_dir()), "Where the database and models live.")
+    state_dir: Path = _opt(Path(_default_state_dir()), "Where the database and models live; relative to the "
+                           "configuration file's directory (to the working directory without a file).")
     interval_s: float = _opt(1.0, "Seconds between samples.", min=0.01, max=3600.0)
     groups: tuple[str, ...] = _opt((), "Fleet groups this device belongs to (model bundles).")
     log_level: str = _opt("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -107,7 +110,8 @@ class CommandsSection:
 
 @dataclass(frozen=True)
 class ModelsSection:
-    trusted_keys: tuple[str, ...] = _opt((), "Paths of ed25519 public keys that may sign model bundles.")
+    trusted_keys: tuple[str, ...] = _opt((), "Paths of ed25519 public keys that may sign model bundles "
+                                          "(relative to the configuration file's directory).")
     max_bundle_bytes: int = _opt(16 * 1024 * 1024, "A larger bundle is refused before it is parsed.", min=1024)
     health_samples: int = _opt(300, "Samples a new model runs on trial before it is confirmed.", min=1)
     health_anomaly_rate_factor: float = _opt(3.0, "Roll back above this many times the previous model's anomaly rate.", min=1.0)
@@ -172,6 +176,11 @@ class DetectSection:
             raise ConfigError("detect.zscore_warmup: must not exceed detect.zscore_window")
         if not self.features:
             raise ConfigError("detect.features: expected at least one metric")
+        try:  # the daemon builds the same spec at start; refuse here, where the key can be named
+            spec_from_names(self.features)
+        except ValueError as exc:
+            raise ConfigError(f"detect.features: {exc}; use a percentage or a rate "
+                              "(e.g. system.memoryPercent, network.bytesReceivedPerSec)") from None
 
 
 @dataclass(frozen=True)
@@ -343,12 +352,67 @@ def resolve_path(cli_path: str | None, environ: Mapping[str, str] | None = None)
     return None
 
 
+def _relative_to(base: Path, value: Any) -> Any:
+    """A relative path string from a file, anchored at the file's directory (other values unchanged)."""
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str(base / value)
+    return value
+
+
+def anchor_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """Relative ``agent.state_dir`` and ``models.trusted_keys`` in a file mean relative to that file.
+
+    Why: `edge-agent status --config agent/agent.local.toml` must read the database `make run`
+    wrote whichever directory it is typed in. Environment overrides stay relative to the working
+    directory, like any path typed in a shell.
+    """
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    agent, models = out.get("agent"), out.get("models")
+    if isinstance(agent, dict) and "state_dir" in agent:
+        agent["state_dir"] = _relative_to(base, agent["state_dir"])
+    if isinstance(models, dict) and isinstance(models.get("trusted_keys"), list):
+        models["trusted_keys"] = [_relative_to(base, v) for v in models["trusted_keys"]]
+    return out
+
+
 def load(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Load the configuration the way every command does."""
     path = resolve_path(cli_path, environ)
     if path is None:
         return parse({}, environ, source="built-in default")
-    return parse(read_toml(path, ConfigError), environ, source=str(path))
+    return parse(anchor_paths(read_toml(path, ConfigError), path.absolute().parent), environ, source=str(path))
+
+
+EXAMPLE_PATH = Path(__file__).with_name("agent.example.toml")
+SECRET_KEYS = frozenset({"mqtt.password", "web.token", "web.basic_password"})
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def render_toml(cfg: AgentConfig, mask_secrets: bool = True) -> str:
+    """The effective configuration (file + environment + defaults) as TOML that parses back to it.
+
+    Why: with a file, an /etc default and environment overrides, "what is the agent actually
+    using?" deserves one command (``edge-agent config``), like ``telegraf config``."""
+    out: list[str] = []
+    for name in _sections():
+        section = getattr(cfg, name)
+        out.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if mask_secrets and f"{name}.{f.name}" in SECRET_KEYS and value:
+                value = "***"
+            out.append(f"{f.name} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
 
 
 def reference() -> list[tuple[str, str, Any, str]]:

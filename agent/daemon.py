@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.health import HealthParams, loop_healthy
+from agent.health import HealthParams, evaluate, loop_healthy, twin_health
 from agent.liveness import LivenessLock
 from agent.notify import Notifier, Watchdog
 from agent.sampling import Clock, PsutilSource, Sample, Sampler, Source, SystemClock
@@ -138,6 +138,17 @@ class Daemon:
         if self.last_sample is not None:
             snap["sample"] = {"ts_s": self.last_sample.ts_s, "values": dict(self.last_sample.values)}
         return snap
+
+    def health(self) -> dict[str, Any]:
+        """The twin's health: the status rules (agent/health.py) over what this process knows live,
+        so a device the fleet sees as healthy is one whose ``edge-agent status`` exits 0."""
+        runtime = self.runtime_status()
+        last = self.last_sample
+        doc = {"running": True, "interval_s": self.interval_s,
+               "samples": {"count": self.samples_taken, "newest": last.ts_s if last else None},
+               "outbox": runtime.get("outbox") or {}, "mqtt": runtime.get("mqtt") or {},
+               "models": runtime.get("models") or []}
+        return twin_health(evaluate(doc, self.clock.time(), self._health_params, interval_s=self.interval_s))
 
     def set_interval(self, interval_s: float) -> None:
         self.interval_s = float(interval_s)
@@ -332,8 +343,8 @@ def build_components(config: AgentConfig, daemon: Daemon) -> list[Any]:
                 extra.update(c.twin())
         return extra
 
-    reporter = Reporter(telemetry_interval_s=config.mqtt.telemetry_interval_s, models=manager.models,
-                        extra=twin_extra)
+    reporter = Reporter(telemetry_interval_s=config.mqtt.telemetry_interval_s, health=daemon.health,
+                        models=manager.models, extra=twin_extra)
     manager.on_change(reporter.report_now)  # the twin shows a model change at once
     if config.mqtt.enabled:
         from agent.transport import MqttReporter, params_from_sections

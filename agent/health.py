@@ -98,6 +98,13 @@ def exit_code(problems: list[Problem]) -> int:
     return EXIT_UNHEALTHY if problems else EXIT_HEALTHY
 
 
+def twin_health(problems: list[Problem]) -> dict[str, Any]:
+    """The twin's ``health`` field: the same verdict as ``edge-agent status``, so the fleet page and
+    the device's own exit code never disagree about a device."""
+    return {"status": "unhealthy" if problems else "healthy",
+            "problems": [{"code": p.code, "message": p.message} for p in problems]}
+
+
 def loop_healthy(
     now_mono_s: float,
     last_sample_mono_s: float | None,
@@ -122,5 +129,5 @@ def loop_healthy(
 
 __all__ = [
     "EXIT_HEALTHY", "EXIT_UNHEALTHY", "HealthParams", "Problem",
-    "evaluate", "exit_code", "loop_healthy", "stale_after_s",
+    "evaluate", "exit_code", "loop_healthy", "stale_after_s", "twin_health",
 ]

@@ -127,7 +127,7 @@ def event_payload(device_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
     msg["action"] = action
     msg["kinds"] = kinds
     for key, out in (("source", "source"), ("stage", "stage"), ("restored_version", "restoredVersion"),
-                     ("bundle_sha256", "bundleSha256"), ("key_id", "keyId")):
+                     ("bundle_sha256", "bundleSha256"), ("key_id", "keyId"), ("missing_features", "missingFeatures")):
         if key in event:
             msg[out] = event[key]
     return msg

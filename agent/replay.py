@@ -119,6 +119,25 @@ def _train_forest(rows: list[dict], names: Sequence[str], version: int) -> Fores
         return load_forest_model(out)
 
 
+def numeric_columns(rows: Sequence[dict], cols: Sequence[str], *, explicit: bool, source: str) -> tuple[str, ...]:
+    """The value columns that hold at least one number; ValueError when none do.
+
+    Why: a column of text parses to no value at all, and a detector fed nothing scores every
+    row 0, which reads as "no anomaly" instead of "wrong input".
+    """
+    if not rows:
+        raise ValueError(f"{source}: no data rows")
+    empty = [c for c in cols if not any(c in r for r in rows)]
+    if explicit and empty:
+        raise ValueError(f"{source}: value columns without a single number: {', '.join(empty)}")
+    kept = tuple(c for c in cols if c not in empty)
+    if not kept:
+        raise ValueError(f"{source}: no numeric value column (columns: {', '.join(cols)})")
+    if empty:
+        log.info("replay: columns without numbers left out: %s", ", ".join(empty))
+    return kept
+
+
 def replay_rows(ts: Sequence[float], rows: Sequence[dict], value_cols: Sequence[str],
                 params: ReplayParams = ReplayParams(), model: ForestModel | None = None
                 ) -> tuple[list[RowResult], list[dict], ReplaySummary]:
@@ -179,6 +198,7 @@ def replay(input_csv: str | Path, out_csv: str | Path, timestamp_col: str = "tim
            value_cols: Sequence[str] | None = None, model_dir: str | Path | None = None,
            params: ReplayParams = ReplayParams()) -> ReplaySummary:
     raw_ts, ts, rows, cols = read_csv(input_csv, timestamp_col, value_cols)
+    cols = numeric_columns(rows, cols, explicit=bool(value_cols), source=str(input_csv))
     model = load_forest_model(model_dir) if model_dir is not None else None
     if model is not None:
         unknown = [f for f in model.feature_names if f.split("|", 1)[0] not in cols]

@@ -65,6 +65,9 @@ def build_report(config: Any, now_s: float, since_s: float | None, until_s: floa
     if conn is None:
         raise ReportError(f"database {config.db_path} does not exist (has the agent run yet?)")
     try:
+        count = conn.execute("SELECT count(*) FROM samples").fetchone()[0] if webdata.has_table(conn, "samples") else 0
+        if not count:
+            raise ReportError(f"database {config.db_path} holds no samples yet (has the agent run?)")
         data = webdata.bundle(conn, config, now_s, since_s, until_s, webdata.clamp_points(points))
     finally:
         conn.close()

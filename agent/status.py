@@ -119,7 +119,18 @@ def _models_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[
     if "models" not in runtime:
         from agent.updates import list_installed
 
-        doc["models"] = list_installed(doc["_state_dir"])
+        doc["models"] = [installed_view(m) for m in list_installed(doc["_state_dir"])]
+
+
+def installed_view(m: dict[str, Any]) -> dict[str, Any]:
+    """A pointer-file model in the shape the running agent reports (target as its label, state as
+    health), so status, the web page and the report show "forest v2 fleet", never "[object Object]"."""
+    from models.bundle import Target
+
+    target = m.get("target")
+    if isinstance(target, dict):
+        target = Target(str(target.get("type")), str(target.get("id"))).label
+    return {**m, "target": target, "health": m.get("state")}
 
 
 def _events_reader(conn: sqlite3.Connection, doc: dict[str, Any], runtime: dict[str, Any]) -> None:

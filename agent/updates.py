@@ -68,7 +68,7 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, Seque
 from agent.store import immediate_transaction, migrate
 from models.bundle import (
     INSTALLED_MANIFEST, INSTALLED_SIGNATURE, LOCAL_TARGET, BundleError, BundleLimits, Manifest, Target,
-    TrustedKey, VerifiedBundle, check_artefact_name, check_not_expired, check_target, feature_bases,
+    TrustedKey, VerifiedBundle, check_artefact_name, check_not_expired, check_target, missing_features,
     load_trusted_keys, make_manifest, manifest_from_dict, sha256_hex, verify_bundle,
 )
 
@@ -518,7 +518,7 @@ class ModelUpdater:
                                    interval_s=float(interval), created_at_s=self._now(), key_id="", files=files,
                                    limits=self.params.limits, allow_local=True)
             manifest = manifest_from_dict(json.loads(mbytes), self.params.limits, allow_local=True)
-            self._check_features(manifest)
+            self._check_features(manifest, files)
             vb = VerifiedBundle(manifest, mbytes, b"", files, "")
             health = self._install(vb, {kind: ptr}, LOCAL_SOURCE)
         except BundleError as exc:
@@ -568,16 +568,19 @@ class ModelUpdater:
                 raise
             manifest = vb.manifest
             plans = self._plan(vb)                                 # target, version, precedence
-            self._check_features(manifest)
+            missing = self._check_features(manifest, vb.files)
             check_not_expired(manifest, self._now())
             health = self._install(vb, plans, source)
         except BundleError as exc:
             return self._refused(exc, manifest, bundle_sha, source)
         installed = [k for k in manifest.kinds if k in plans]
         reason = f"installed {','.join(installed)} v{manifest.version} for {manifest.target.label}"
+        if missing:
+            reason += f" (not sampled here, scored without: {', '.join(missing)})"
         log.info("model bundle accepted from %s: %s", source or "?", reason)
         event = self._event("accept", reason, manifest.version, manifest.target.as_dict(), installed,
                             source=source, bundle_sha256=bundle_sha, key_id=manifest.key_id,
+                            **({"missing_features": missing} if missing else {}),
                             previous={k: (plans[k] or {}).get("version") for k in installed})
         self._record_offer(source, bundle_sha, True, reason)
         return Decision(True, reason, tuple(installed), manifest.version, manifest.target.as_dict(), event,
@@ -645,14 +648,19 @@ class ModelUpdater:
             raise BundleError(f"already installed: {','.join(already)} v{m.version} for {m.target.label}", "version")
         return plans
 
-    def _check_features(self, manifest: Manifest) -> None:
+    def _check_features(self, manifest: Manifest, files: Mapping[str, bytes]) -> list[str]:
+        """The features the model will do without here (models.bundle.missing_features decides)."""
         available = self.available_metrics()
         if available is None:
-            return
-        have = set(available)
-        missing = [b for b in feature_bases(manifest.feature_names) if b not in have]
-        if missing:
-            raise BundleError(f"features not sampled on this device: {', '.join(missing)}", "features")
+            return []
+        forest_meta = None
+        if "forest" in manifest.kinds and f"forest/{META_FILE}" in files:
+            try:
+                forest_meta = json.loads(files[f"forest/{META_FILE}"])
+            except ValueError:
+                forest_meta = None  # the loader refuses it with a clearer reason
+        # the accept line (and the model event's reason) names what is missing: one info line
+        return missing_features(manifest.kinds, manifest.feature_names, set(available), forest_meta)
 
     # -- installing -----------------------------------------------------------------------
     def _extract(self, vb: VerifiedBundle, kind: str) -> Path:

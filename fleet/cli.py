@@ -98,6 +98,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edge-fleet", description="Fleet side: keys, signed model bundles, training, alerts.")
+    from agent import __version__
+
+    parser.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("keygen", help="create an ed25519 key pair for signing model bundles")
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artefacts", nargs="+", metavar="ARTEFACT_DIR_OR_FILES", help="model directories or files")
 
     p = sub.add_parser("verify", help="check a bundle's signature, hashes and contents")
-    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle file to check")
     p.add_argument("--pub", required=True, nargs="+", metavar="P", help="trusted public key file(s)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -161,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error already printed (2)
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from agent import logsetup
+
+    if not logging.getLogger().handlers:  # like basicConfig: an embedding program's handlers stay
+        logsetup.setup("WARNING")  # the agent's format: UTC timestamps, level, logger
     try:
         return COMMANDS[args.command](args)
     except (BundleUsageError, KeyFileError, BundleError) as exc:

@@ -436,7 +436,7 @@ def register(subparsers: Any) -> dict[str, Any]:
     p.add_argument("--publish", action="store_true", help="register, sign and publish it (retained)")
     p.add_argument("--per-device", action="store_true",
                    help="one model per device (target device:ID, its own cluster) instead of one for the target")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     def run_guarded(args: argparse.Namespace) -> int:
         try:

@@ -405,7 +405,7 @@ class Collector:
                     backoff_s = min(backoff_s * 2, 30.0)
                 if time.monotonic() >= next_report:
                     next_report = time.monotonic() + report_every_s
-                    log.info("collector: %s", self.stats.as_dict())
+                    log.info("collector: %s", json.dumps(self.stats.as_dict(), sort_keys=True))
         finally:
             self.stop()
         return self.stats

@@ -400,8 +400,8 @@ def register(subparsers: Any) -> dict[str, Handler]:
     q = msub.add_parser("list", help="every version (filter by --target, --status)")
     _common(q)
     q.add_argument("--target", metavar="T", help="device:ID, group:NAME or fleet")
-    q.add_argument("--status", choices=("candidate", "champion", "retired"))
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--status", choices=("candidate", "champion", "retired"), help="only versions in this state")
+    q.add_argument("--json", action="store_true", help="print JSON")
     q = msub.add_parser("show", help="one version with its metrics, data range and parameters")
     _common(q)
     q.add_argument("target", metavar="TARGET", help="device:ID, group:NAME or fleet")
@@ -409,14 +409,14 @@ def register(subparsers: Any) -> dict[str, Handler]:
     q.add_argument("--json", action="store_true", help="compact JSON")
     q = msub.add_parser("promote", help="make a version the champion and publish it (no comparison)")
     _common(q)
-    q.add_argument("target", metavar="TARGET")
-    q.add_argument("version", type=int, metavar="VERSION")
-    q.add_argument("--no-publish", action="store_true")
+    q.add_argument("target", metavar="TARGET", help="device:ID, group:NAME or fleet")
+    q.add_argument("version", type=int, metavar="VERSION", help="the version to make champion")
+    q.add_argument("--no-publish", action="store_true", help="promote, but do not publish")
     q = msub.add_parser("rollback", help="republish the previous champion (as a new version) and make it champion")
     _common(q)
-    q.add_argument("target", metavar="TARGET")
+    q.add_argument("target", metavar="TARGET", help="device:ID, group:NAME or fleet")
     q.add_argument("--to", type=int, metavar="VERSION", help="this version instead of the previous champion")
-    q.add_argument("--no-publish", action="store_true")
+    q.add_argument("--no-publish", action="store_true", help="make it champion, but do not publish")
 
     p = subparsers.add_parser("retrain", help="retrain every target that is due (24 h) or drifting")
     _common(p)
@@ -425,7 +425,7 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--no-lstm", action="store_true", help="train the Isolation Forest only")
     p.add_argument("--no-drift", action="store_true", help="skip the drift and accuracy checks")
     p.add_argument("--history", action="store_true", help="show past passes' decisions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = subparsers.add_parser("drift", help="compare recent data and forecast accuracy with each champion")
     _common(p)
@@ -435,7 +435,7 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--history", action="store_true", help="show stored verdicts instead of checking")
     p.add_argument("--no-save", action="store_true", help="do not store the verdicts")
     p.add_argument("--exit-code", action="store_true", help="exit 1 when a target needs retraining")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     handlers = {"collect": cmd_collect, "alerts": cmd_alerts, "train": cmd_train, "models": cmd_models,
                 "retrain": cmd_retrain, "drift": cmd_drift}

@@ -274,7 +274,7 @@ def check_target(store: Store, config: FleetConfig, target: Any, *, now_s: float
         save_verdicts(store, health, now)
     if health.needs_retraining:
         log.warning("%s (v%s): drifting %s, degraded accuracy %s", health.target, health.model_version,
-                    health.drifting_devices, health.degraded_devices)
+                    ", ".join(health.drifting_devices) or "-", ", ".join(health.degraded_devices) or "-")
     return health
 
 

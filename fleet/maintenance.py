@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -259,6 +260,19 @@ def train(ds: Dataset, p: MaintenanceParams = MaintenanceParams(), masks: dict[s
     return forest, meta
 
 
+def holdout_warnings(meta: Mapping[str, Any]) -> list[str]:
+    """What makes the held-out scores meaningless, in words: a slice without failures gives
+    precision 0.0 and no recall, which reads like a bad model rather than an unevaluated one."""
+    holdout = meta.get("holdout")
+    rows = (meta.get("rows") or {}).get("test", 0)
+    if not holdout:
+        return [f"no held-out rows ({rows}): the model is not evaluated; collect or simulate a longer history"]
+    if not holdout.get("positives"):
+        return [f"the held-out slice ({holdout.get('rows')} rows) holds no failure rows: its precision "
+                f"({holdout.get('precision')}) and recall mean nothing; collect or simulate a longer history"]
+    return []
+
+
 def write_model(out_dir: str | Path, forest: CompactForest, meta: Mapping[str, Any], version: int,
                 replace: bool = False) -> Path:
     buf = io.BytesIO()
@@ -318,6 +332,11 @@ def run_command(args: Any) -> int:
                 forest, meta = train(ds, p, masks)
                 out: dict[str, Any] = {"rows": meta["rows"], "thresholds": meta["thresholds"],
                                        "holdout": meta.get("holdout")}
+                warnings = holdout_warnings(meta)
+                if warnings:
+                    out["warnings"] = warnings
+                for text in warnings:
+                    print(f"edge-fleet maintenance: warning: {text}", file=sys.stderr)
                 if args.out:
                     write_model(args.out, forest, meta, 1, replace=True)
                     out["out"] = args.out

@@ -6,6 +6,7 @@ import their work lazily so ``edge-fleet --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,8 +33,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-fleet simulate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from fleet.simulate import find_nab
+
+    found, tried = find_nab(args.datasets or "")
+    if params.use_nab and found is None:
+        where = ", ".join(str(p / "nab") for p in tried)
+        if args.datasets:
+            print(f"edge-fleet simulate: --datasets: no NAB data at {where}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"edge-fleet simulate: no NAB data at {where}: synthetic noise (--datasets DIR or $EDGE_DATASETS)",
+              file=sys.stderr)
+    if params.use_nab and found is not None:
+        params = dataclasses.replace(params, datasets_dir=str(found))
     fleet = simulate_fleet(params)
     out: dict[str, Any] = {"summary": summary(fleet)}
+    out["noise"] = f"NAB traces from {found / 'nab'}" if fleet.noise == "nab" and found else "synthetic"
     if args.out:
         write_csv(fleet, args.out)
         out["out"] = str(args.out)
@@ -62,6 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         s = out["summary"]
         print(f"{s['devices']} devices, {s['days']} days, seed {s['seed']}: {s['samples']} samples, "
               f"{s['failures']} failures {s['by_cause']}")
+        print(f"noise: {out['noise']}")
         for k in ("out", "store", "published"):
             if k in out:
                 print(f"{k}: {out[k]}")
@@ -76,9 +91,9 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> dict[str, Handler]:
     p = subparsers.add_parser("simulate", help="simulate a fleet's histories with known failures")
-    p.add_argument("--devices", type=int, default=30, metavar="N")
-    p.add_argument("--days", type=float, default=14.0, metavar="D")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--devices", type=int, default=30, metavar="N", help="devices (default 30)")
+    p.add_argument("--days", type=float, default=14.0, metavar="D", help="days of history (default 14)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same fleet")
     p.add_argument("--step-s", type=float, default=300.0, metavar="S", help="sample interval (default 300)")
     p.add_argument("--start", type=float, metavar="EPOCH_S", help="first sample time (default 1.7e9)")
     p.add_argument("--drift-devices", type=int, default=0, metavar="N",
@@ -86,14 +101,16 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--failure-rate", type=float, default=0.06, metavar="R", help="failures per device-day")
     p.add_argument("--sudden-share", type=float, default=0.25, metavar="F", help="share without precursor")
     p.add_argument("--no-nab", action="store_true", help="synthetic noise instead of NAB traces")
+    p.add_argument("--datasets", metavar="DIR", help="the directory holding nab/ (default: $EDGE_DATASETS, "
+                   "then ../shared/datasets from the working directory, then beside the repository)")
     p.add_argument("--out", metavar="DIR", help="write <device>.csv, events.jsonl and truth.json here")
     p.add_argument("--store", metavar="URL", help="write into a fleet store (sqlite:///PATH or postgresql://)")
     p.add_argument("--truth", metavar="PATH", help="with --store: write the ground truth JSON here")
     p.add_argument("--mqtt", action="store_true", help="publish as the devices would")
-    p.add_argument("--host", default="localhost")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--topic-prefix", default="devices/{device_id}")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--host", default="localhost", help="with --mqtt: broker host")
+    p.add_argument("--port", type=int, default=1883, help="with --mqtt: broker port")
+    p.add_argument("--topic-prefix", default="devices/{device_id}", help="with --mqtt: the devices' topic prefix")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = subparsers.add_parser("maintenance", help="predictive maintenance: train | evaluate")
     msub = p.add_subparsers(dest="maintenance_command", metavar="ACTION", required=True)
@@ -103,13 +120,13 @@ def register(subparsers: Any) -> dict[str, Handler]:
         q.add_argument("--config", metavar="PATH", help="fleet config (default: $EDGE_FLEET_CONFIG, built-in)")
         q.add_argument("--store", metavar="URL", help="fleet store URL (default: the config's)")
         q.add_argument("--since", type=float, metavar="EPOCH_S", help="oldest sample used")
-        q.add_argument("--json", action="store_true")
-        q.add_argument("-v", "--verbose", action="count", default=0)
+        q.add_argument("--json", action="store_true", help="print JSON")
+        q.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
         if name == "train":
             q.add_argument("--out", metavar="DIR", help="also write the model directory here")
-            q.add_argument("--trees", type=int, default=100)
-            q.add_argument("--max-depth", type=int, default=8)
-            q.add_argument("--seed", type=int, default=0)
+            q.add_argument("--trees", type=int, default=100, help="trees in the random forest (default 100)")
+            q.add_argument("--max-depth", type=int, default=8, help="tree depth limit (default 8)")
+            q.add_argument("--seed", type=int, default=0, help="random seed")
             q.add_argument("--no-register", action="store_true", help="do not add it to the registry")
             q.add_argument("--publish", action="store_true", help="promote and publish to the fleet")
         else:

@@ -239,13 +239,26 @@ class Registry:
 
 
 def reported_version(store: Store, target: Target) -> int:
-    """The highest model version devices report (twin "models") as installed for ``target``."""
+    """The highest model version devices mention for ``target``: installed (twin "models") or named
+    in any model event (installed, activated, rejected, rolled back).
+
+    Why the events too: a device refuses every version at or below its high-water mark, and a
+    rolled-back version for good, while its twin shows only the current model (or none, when the
+    twin was not collected); a version a device ever saw must never be numbered again.
+    """
     best = 0
     for reported in store.twins().values():
         for m in reported.get("models") or []:
-            if isinstance(m, Mapping) and m.get("target") == target.label and isinstance(m.get("version"), int):
+            if isinstance(m, Mapping) and m.get("target") == target.label and _is_version(m.get("version")):
                 best = max(best, m["version"])
+    for event in store.model_events():  # (previousVersion may be another target's: not counted)
+        if event.get("target") == target.label and _is_version(event.get("version")):
+            best = max(best, event["version"])
     return best
+
+
+def _is_version(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _clean(obj: Any) -> Any:

@@ -110,6 +110,7 @@ class SimParams:
     drift_devices: int = 0
     planned_reboots_per_device_day: float = 0.05
     use_nab: bool = True
+    datasets_dir: str = ""          # where nab/ is; "" = $EDGE_DATASETS, then ../shared/datasets
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.days <= 0 or self.step_s <= 0:
@@ -163,6 +164,7 @@ class SimulatedFleet:
     params: SimParams
     devices: list[DeviceHistory]
     failures: list[Failure]
+    noise: str = "synthetic"        # "nab" when cut from NAB traces: summaries say which
 
     def device(self, device_id: str) -> DeviceHistory:
         for d in self.devices:
@@ -181,14 +183,29 @@ class SimulatedFleet:
 
 
 # -- noise and cycles ------------------------------------------------------------------------
-def _datasets_dir() -> Path:
-    return Path(os.environ.get("EDGE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+def datasets_candidates(explicit: str = "") -> list[Path]:
+    """Where NAB may be, in order: --datasets, $EDGE_DATASETS, ../shared/datasets from the working
+    directory (what the README says), then beside the repository (tests and benches run from it)."""
+    if explicit:
+        return [Path(explicit)]
+    if os.environ.get("EDGE_DATASETS"):
+        return [Path(os.environ["EDGE_DATASETS"])]
+    return [Path.cwd().parent / "shared" / "datasets", Path(__file__).resolve().parents[2] / "shared" / "datasets"]
 
 
-@lru_cache(maxsize=1)
-def _nab_shapes() -> tuple[np.ndarray, ...]:
+def find_nab(explicit: str = "") -> tuple[Path | None, list[Path]]:
+    """(the first candidate holding nab/data, every candidate looked at)."""
+    tried = datasets_candidates(explicit)
+    return next((c for c in tried if (c / "nab" / "data").is_dir()), None), tried
+
+
+@lru_cache(maxsize=4)
+def _nab_shapes(datasets: str = "") -> tuple[np.ndarray, ...]:
     """Robust-normalised NAB series (median 0, MAD-scale 1, clipped); () when absent."""
-    root = _datasets_dir() / "nab" / "data"
+    found, _ = find_nab(datasets)
+    if found is None:
+        return ()
+    root = found / "nab" / "data"
     out = []
     for rel in _NAB_FILES:
         path = root / rel
@@ -429,7 +446,7 @@ def _anomaly_events(rng: np.random.Generator, p: SimParams, t: np.ndarray, failu
 
 def simulate_fleet(params: SimParams = SimParams()) -> SimulatedFleet:
     """Deterministic per params: the same seed gives the same fleet, bit for bit."""
-    shapes = _nab_shapes() if params.use_nab else ()
+    shapes = _nab_shapes(params.datasets_dir) if params.use_nab else ()
     root = np.random.SeedSequence(params.seed)
     children = root.spawn(params.devices + 1)
     plan = np.random.default_rng(children[-1])
@@ -447,7 +464,7 @@ def simulate_fleet(params: SimParams = SimParams()) -> SimulatedFleet:
         devices.append(dev)
         failures.extend(fails)
     failures.sort(key=lambda f: (f.ts_s, f.device_id))
-    return SimulatedFleet(params, devices, failures)
+    return SimulatedFleet(params, devices, failures, "nab" if shapes else "synthetic")
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -558,4 +575,4 @@ def summary(fleet: SimulatedFleet) -> dict[str, Any]:
     return {"devices": len(fleet.devices), "samples": int(sum(len(d.ts_s) for d in fleet.devices)),
             "failures": len(fleet.failures), "by_cause": causes,
             "drifting": [d.device_id for d in fleet.devices if d.drifted_to],
-            "days": fleet.params.days, "seed": fleet.params.seed}
+            "days": fleet.params.days, "seed": fleet.params.seed, "noise": fleet.noise}

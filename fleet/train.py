@@ -228,7 +228,7 @@ def train_candidate(store: Store, config: FleetConfig, target: Target, *, use_ls
                                metrics=metrics, parent_version=champion.version if champion else None, data=data,
                                now_s=now)
     log.info("%s: candidate v%d registered: %s", target.label, version,
-             {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+             " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None))
     return record, ds
 
 

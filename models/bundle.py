@@ -49,7 +49,7 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -615,6 +615,40 @@ def feature_bases(names: Sequence[str]) -> list[str]:
             continue
         out.append(base)
     return out
+
+
+# Kinds that score without a feature the device lacks: the forest puts the training median in
+# its place (model.json "baseline"), the maintenance trees route it as missing (NaN) like
+# scikit-learn, and a cluster distance uses the features both sides have. An LSTM cannot
+# forecast from an input it never gets, so a bundle holding one still needs every feature.
+MISSING_TOLERANT_KINDS = ("forest", "maintenance", "cluster")
+
+
+def missing_features(kinds: Sequence[str], feature_names: Sequence[str], available: Collection[str],
+                     forest_meta: Mapping[str, Any] | None = None) -> list[str]:
+    """The features a bundle's model will do without on this device; BundleError when it cannot.
+
+    A bundle is refused when the device samples none of its features (the model would score a
+    constant), when it holds a kind that needs them all, or when its forest has no training
+    medians to stand in for the missing ones.
+    """
+    bases = feature_bases(feature_names)
+    missing = [b for b in bases if b not in available]
+    if not missing:
+        return []
+    listed = ", ".join(missing)
+    strict = [k for k in kinds if k not in MISSING_TOLERANT_KINDS]
+    if strict:
+        raise BundleError(f"features not sampled on this device: {listed} ({', '.join(strict)} needs every feature)",
+                          "features")
+    if len(missing) == len(bases):
+        raise BundleError(f"features not sampled on this device: {listed} (none of the model's features)", "features")
+    if "forest" in kinds:
+        medians = ((forest_meta or {}).get("baseline") or {}).get("median")
+        if not isinstance(medians, list) or len(medians) != len((forest_meta or {}).get("feature_names") or ()):
+            raise BundleError(f"features not sampled on this device: {listed} (the forest has no training "
+                              "medians to stand in for them)", "features")
+    return missing
 
 
 # -- building (fleet side, but pure: no key files here) -------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 
 from models.episodes import EpisodeParams, EpisodeTracker
 from models.features import DEFAULT_FEATURES, FeatureBuilder, derived_names
-from models.forest import ForestModel
+from models.forest import ForestModel, forest_stand_ins
 from models.novelty import NoveltyParams, RestGate, TransitionNovelty
 from models.severity import (CalibratorParams, SeverityParams, SurpriseCalibrator, combine, explain, forest_z, gate,
                              severity_rank)
@@ -88,6 +88,7 @@ class Detector:
         self.episodes = EpisodeTracker(params.episodes)
         self.forest: ForestModel | None = None
         self._forest_features: FeatureBuilder | None = None
+        self._stand_ins: tuple[tuple[int, str, float], ...] = ()
         self.n_samples = 0
         if forest is not None:
             self.set_forest(forest)
@@ -107,6 +108,7 @@ class Detector:
             model = None
         self.forest = model
         self._forest_features = FeatureBuilder(model.feature_names) if model is not None else None
+        self._stand_ins = forest_stand_ins(model) if model is not None else ()
         if model is not None:
             log.info("forest v%d active on %d features", model.version, len(model.feature_names))
 
@@ -120,6 +122,9 @@ class Detector:
         anomaly = None
         if self._forest_features is not None:
             fx = self._forest_features.update(values)
+            for col, base, median in self._stand_ins:
+                if base not in values:  # a metric this device lacks (or lost): the training median
+                    fx[col] = median
             if not np.isnan(fx).any():
                 anomaly = self.forest.forest.score_one(fx)
         thresholds = self.forest.thresholds if self.forest is not None else None

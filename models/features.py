@@ -60,6 +60,18 @@ def is_counter(metric: str) -> bool:
     return base in COUNTER_METRICS or base.startswith("system.diskTotal")
 
 
+def metric_domain(metric: str) -> tuple[float, float]:
+    """The values a metric can take: percentages 0..100; the device's byte, rate, load, count and
+    time metrics >= 0; anything else (temperatures, CSV columns) unbounded. Forecasts are clipped
+    to it, so a band never promises -3 % CPU."""
+    base = metric.split(":", 1)[0]
+    if base.endswith("Percent") or base == "system.cpuUsage" or base.startswith("system.cpuUsage."):
+        return 0.0, 100.0
+    if base.startswith(("system.", "disk.", "network.")) and not base.endswith("temperature"):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
 def is_rate(metric: str) -> bool:
     return metric.endswith("PerSec")
 

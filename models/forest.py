@@ -284,3 +284,17 @@ def load_forest_model(model_dir: str | Path) -> ForestModel:
     if not (math.isfinite(th["warning"]) and th["critical"] >= th["warning"]):
         raise ValueError(f"{d}: bad thresholds {th}")
     return ForestModel(forest=forest, feature_names=names, thresholds=th, version=int(meta["version"]), meta=meta)
+
+
+def forest_stand_ins(model: ForestModel) -> tuple[tuple[int, str, float], ...]:
+    """(column, base metric, training median) for every column a missing metric can be replaced in.
+
+    Why: a fleet model trained where a metric exists (system.temperature) must still score on a
+    device without that sensor; the training median is the value that moves the trees least.
+    Empty when model.json has no baseline medians (such a forest skips rows with a gap).
+    """
+    medians = (model.meta.get("baseline") or {}).get("median")
+    if not isinstance(medians, list) or len(medians) != len(model.feature_names):
+        return ()
+    return tuple((i, name.split("|", 1)[0], float(m)) for i, (name, m) in enumerate(zip(model.feature_names, medians))
+                 if isinstance(m, (int, float)) and math.isfinite(m))

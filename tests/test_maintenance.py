@@ -70,3 +70,21 @@ def test_features_read_nothing_after_the_scoring_time():
     np.testing.assert_array_equal(a, b)
     i = names.index("system.memoryPercent|slope6h")
     assert a[i] == pytest.approx(50 / 399 * 12, rel=1e-9)      # per hour
+
+
+def test_a_held_out_slice_without_failures_is_named_not_reported_as_precision_zero():
+    from fleet.maintenance import holdout_warnings, train
+    from tests.maintenance_helpers import PARAMS, dataset
+
+    ds = dataset()
+    masks = split(ds, PARAMS)
+    _, meta = train(ds, PARAMS, masks)
+    assert meta["holdout"]["positives"] > 0 and holdout_warnings(meta) == []
+    no_failures = dict(masks, test=masks["test"] & (ds.y == 0))   # the same slice, failure rows left out
+    _, meta = train(ds, PARAMS, no_failures)
+    assert meta["holdout"]["positives"] == 0
+    [warning] = holdout_warnings(meta)
+    assert "holds no failure rows" in warning and "mean nothing" in warning
+    empty = dict(masks, test=np.zeros(len(ds.y), bool))
+    _, meta = train(ds, PARAMS, empty)
+    assert "not evaluated" in holdout_warnings(meta)[0]

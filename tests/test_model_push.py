@@ -263,7 +263,7 @@ def test_refusals_are_reported_and_the_agent_keeps_running(tmp_path, mqtt_broker
         (bundle_bytes(keys, models["good"], 2), "version", ("downgrade", "v2 < v3")),
         (bundle_bytes(keys, models["good"], 3, files={**files_of(models["good"], 3),
                                                       "forest/notes.json": b"{}"}), "version", ("same version",)),
-        (bundle_bytes(keys, models["good"], 4, features=FEATURES + ["sensor.humidity|mean10"]), "features",
+        (bundle_bytes(keys, models["good"], 4, features=["sensor.humidity", "sensor.humidity|mean10"]), "features",
          ("features not sampled", "sensor.humidity")),
         (hand_signed(keys, {**files_of(models["good"], 4), "forest/model.pkl": b"\x80\x04K\x01."}, 4), "parse",
          ("pickle",)),

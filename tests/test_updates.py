@@ -264,8 +264,9 @@ def test_replay_after_restart_is_ignored(env: Env, installed: ModelUpdater) -> N
 
 
 def test_wrong_features(env: Env, installed: ModelUpdater) -> None:
-    d = installed.offer(env.bundle(2, features=FEATURES + ["system.temperature|mean10"]), TOPIC)
-    assert_rejected(d, "features not sampled", "system.temperature")
+    # a forest without training medians cannot stand in for a metric this device lacks
+    d = installed.offer(env.bundle(2, features=FEATURES + ["system.temperature|mean10"], baseline=None), TOPIC)
+    assert_rejected(d, "features not sampled", "system.temperature", "no training medians")
     assert d.stage == "features"
     assert_unchanged(installed, 1)
 
@@ -580,7 +581,8 @@ def test_install_local_refusals(env: Env, tmp_path: Path) -> None:
     d = u.install_local("forest", model_dir("broken", feature_names=["system.cpuUsage"]))   # loader refuses it
     assert_rejected(d, "invalid forest model")
     assert d.stage == "validate"
-    d = u.install_local("forest", model_dir("unsampled", feature_names=FEATURES[:2] + ["system.temperature"]))
+    d = u.install_local("forest", model_dir("unsampled", feature_names=FEATURES[:2] + ["system.temperature"],
+                                            baseline=None))
     assert_rejected(d, "features not sampled", "system.temperature")
     assert u.list_models() == [] and sorted(p.name for p in (env.state / "models" / "forest").iterdir()) == []
 

@@ -48,6 +48,7 @@ from models.forecast.fallback import (FallbackParams, FitResult, NaiveModel, Poi
 from models.forecast.lstm import InvalidModel, LSTMForecaster
 from models.forecast.selector import ModelSelector, SelectorParams
 from models.forecast.series import season_steps
+from models.features import metric_domain
 
 log = logging.getLogger(__name__)
 
@@ -505,6 +506,7 @@ class ForecastEngine:
                 bands: dict | None) -> dict:
         h = self.params.horizon
         step = self.step_s or 0.0
+        low, high = metric_domain(st.name)  # no band below 0 % or above 100 %
         res: dict = {
             "metric": st.name,
             "origin_ts_s": origin_ts_s,
@@ -513,14 +515,14 @@ class ForecastEngine:
             "model": self._model_label(st, chosen),
             "candidate": chosen,
             "last_value": y,
-            "forecast": [float(v) for v in point],
+            "forecast": [float(v) for v in np.clip(point, low, high)],
         }
         for lv in self.params.conformal.levels:
             key = level_key(lv)
             if bands is None:
                 res[f"lower_{key}"] = res[f"upper_{key}"] = None
             else:
-                lo, hi = bands[lv]
+                lo, hi = (np.clip(np.asarray(b, dtype=float), low, high) for b in bands[lv])
                 res[f"lower_{key}"] = [None if not math.isfinite(v) else float(v) for v in lo]
                 res[f"upper_{key}"] = [None if not math.isfinite(v) else float(v) for v in hi]
         res["coverage"] = {level_key(lv): t.summary() for lv, t in st.published_coverage.items()}
