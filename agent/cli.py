@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 from agent import __version__, cli_models, config as config_mod
+from agent.cliopts import GlobalOptions, option
 from agent.config import AgentConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,13 @@ class UsageError(Exception):
     """A bad argument value detected after argparse (e.g. an unparseable time)."""
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="configuration file (default: $EDGE_AGENT_CONFIG, "
-                   "then /etc/edge-agent/agent.toml, then the built-in local default)")
+# Accepted by every command, before or after its name (agent/cliopts.py); add new global options here.
+GLOBAL_OPTIONS = GlobalOptions(
+    option("--config", metavar="PATH", help="configuration file (default: $EDGE_AGENT_CONFIG, "
+           "then /etc/edge-agent/agent.toml, then the built-in local default)"),
+    option("-q", "--quiet", action="store_true", default=False,
+           help="no progress bar (there is none anyway when stderr is not a terminal)"),
+)
 
 
 def _cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
@@ -189,14 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the agent in the foreground")
-    _add_config(p)
 
     p = sub.add_parser("status", help="show samples, events, outbox, connection and models")
-    _add_config(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("export", help="write a time range of samples as CSV or JSON lines")
-    _add_config(p)
     p.add_argument("--since", help="start: ISO 8601, epoch seconds or an age such as 24h")
     p.add_argument("--until", help="end: ISO 8601, epoch seconds or an age")
     p.add_argument("--metrics", help="comma-separated metric names (default: all)")
@@ -204,13 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: standard output)")
 
     p = sub.add_parser("train", help="train a model on this device's history and install it")
-    _add_config(p)
     p.add_argument("--kind", choices=("forest", "forecast"), default="forest",
                    help="forest: Isolation Forest (scikit-learn); forecast: LSTM (TensorFlow)")
     p.add_argument("--forecast", dest="kind", action="store_const", const="forecast", help="same as --kind forecast")
 
     p = sub.add_parser("replay", help="run the detection pipeline over a CSV as fast as it can")
-    _add_config(p)
     p.add_argument("input", help="CSV with a timestamp column (ISO 8601 or epoch s) and numeric columns")
     p.add_argument("--out", required=True, help="output .csv (timestamp, score, anomaly_score, severity, episode_id) "
                    "or .jsonl")
@@ -225,25 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.backtest import add_arguments as add_backtest_arguments
 
     p = sub.add_parser("backtest", help="rolling-origin evaluation of the device's forecasters over a CSV")
-    _add_config(p)
     add_backtest_arguments(p)
 
     p = sub.add_parser("report", help="write the device page (charts, forecast, events) as one self-contained HTML file")
-    _add_config(p)
     p.add_argument("--since", default="24h", help="start: ISO 8601, epoch seconds or an age (default: 24h)")
     p.add_argument("--until", help="end (default: the newest sample)")
     p.add_argument("--points", type=int, default=2000, help="values per chart at most (min/max downsampling)")
     p.add_argument("--out", required=True, help="output .html file")
 
     cli_models.add_parser(sub)
-    return parser
+    return GLOBAL_OPTIONS.install(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = GLOBAL_OPTIONS.parse(build_parser(), argv)
     try:
-        cfg = config_mod.load(getattr(args, "config", None))
+        cfg = config_mod.load(args.config)
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

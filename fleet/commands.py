@@ -5,7 +5,8 @@ merges that into its command table. A handler takes the parsed arguments and
 returns the exit code: 0 success, 1 a check failed (not enough data, a retrain
 pass with a failed target), 2 configuration, store or usage errors - printed on
 one line, never a traceback. Every subcommand takes ``--config PATH`` (see
-fleet.config for the lookup) and ``-v`` for progress logs.
+fleet.config for the lookup) and ``-v`` for progress logs: edge-fleet declares those once for every
+subcommand (GLOBAL_OPTIONS in fleet/cli.py).
 """
 from __future__ import annotations
 
@@ -352,12 +353,6 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 # -- parsers -----------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH",
-                   help="fleet TOML (default: $EDGE_FLEET_CONFIG, /etc/edge-fleet/fleet.toml, built-in)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="progress logs (-vv: debug)")
-
-
 def _target_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--device", metavar="ID", help="one device")
@@ -368,12 +363,10 @@ def _target_args(p: argparse.ArgumentParser, required: bool) -> None:
 def register(subparsers: Any) -> dict[str, Handler]:
     """Add collect, alerts, train, models, retrain and drift to ``subparsers``; returns their handlers."""
     p = subparsers.add_parser("collect", help="store every device's telemetry, anomalies, forecasts and twin state")
-    _common(p)
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until SIGTERM)")
     p.add_argument("--json", action="store_true", help="final counts as JSON")
 
     p = subparsers.add_parser("alerts", help="list or follow anomaly events across the fleet")
-    _common(p)
     p.add_argument("--device", metavar="ID", help="only this device")
     p.add_argument("--severity", choices=("normal", "warning", "critical"), help="this severity or worse")
     p.add_argument("--since", metavar="T", help="ISO 8601, epoch seconds or an age (24h, 7d)")
@@ -386,7 +379,6 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--label-name", default="anomaly", help=argparse.SUPPRESS)
 
     p = subparsers.add_parser("train", help="train, evaluate and register a model; promote and publish if it wins")
-    _common(p)
     _target_args(p, required=True)
     p.add_argument("--no-lstm", action="store_true", help="train the Isolation Forest only")
     p.add_argument("--source", choices=("collected", "shadow"), help="training rows (default: train.source)")
@@ -398,28 +390,23 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p = subparsers.add_parser("models", help="the model registry: list | show | promote | rollback")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION", parser_class=type(p))
     q = msub.add_parser("list", help="every version (filter by --target, --status)")
-    _common(q)
     q.add_argument("--target", metavar="T", help="device:ID, group:NAME or fleet")
     q.add_argument("--status", choices=("candidate", "champion", "retired"))
     q.add_argument("--json", action="store_true")
     q = msub.add_parser("show", help="one version with its metrics, data range and parameters")
-    _common(q)
     q.add_argument("target", metavar="TARGET", help="device:ID, group:NAME or fleet")
     q.add_argument("version", type=int, nargs="?", metavar="VERSION", help="default: the champion")
     q.add_argument("--json", action="store_true", help="compact JSON")
     q = msub.add_parser("promote", help="make a version the champion and publish it (no comparison)")
-    _common(q)
     q.add_argument("target", metavar="TARGET")
     q.add_argument("version", type=int, metavar="VERSION")
     q.add_argument("--no-publish", action="store_true")
     q = msub.add_parser("rollback", help="republish the previous champion (as a new version) and make it champion")
-    _common(q)
     q.add_argument("target", metavar="TARGET")
     q.add_argument("--to", type=int, metavar="VERSION", help="this version instead of the previous champion")
     q.add_argument("--no-publish", action="store_true")
 
     p = subparsers.add_parser("retrain", help="retrain every target that is due (24 h) or drifting")
-    _common(p)
     p.add_argument("--loop", action="store_true", help="repeat every retrain.loop_interval_s until SIGTERM")
     p.add_argument("--dry-run", action="store_true", help="only say which targets are due and why")
     p.add_argument("--no-lstm", action="store_true", help="train the Isolation Forest only")
@@ -428,7 +415,6 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--json", action="store_true")
 
     p = subparsers.add_parser("drift", help="compare recent data and forecast accuracy with each champion")
-    _common(p)
     _target_args(p, required=False)
     p.add_argument("--target", metavar="T", help="device:ID, group:NAME or fleet (default: every target)")
     p.add_argument("--all", action="store_true", help="show every verdict, not only the flagged ones")

@@ -100,11 +100,9 @@ def register(subparsers: Any) -> dict[str, Handler]:
     for name, text in (("train", "build the dataset from the store, train, register (and publish)"),
                        ("evaluate", "score a registered (or given) model on the store's history")):
         q = msub.add_parser(name, help=text)
-        q.add_argument("--config", metavar="PATH", help="fleet config (default: $EDGE_FLEET_CONFIG, built-in)")
         q.add_argument("--store", metavar="URL", help="fleet store URL (default: the config's)")
         q.add_argument("--since", type=float, metavar="EPOCH_S", help="oldest sample used")
         q.add_argument("--json", action="store_true")
-        q.add_argument("-v", "--verbose", action="count", default=0)
         if name == "train":
             q.add_argument("--out", metavar="DIR", help="also write the model directory here")
             q.add_argument("--trees", type=int, default=100)
