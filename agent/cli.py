@@ -136,20 +136,26 @@ def _value_range(text: str) -> tuple[str, float, float]:
 
 def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import replay
-
     from agent.detection import detect_params
+    from agent.progress import Progress
 
-    # [detect] thresholds and windows apply; the features are the CSV's columns
+    # [detect] thresholds and windows apply; the features are the CSV's (agent/replay.py chooses them)
     value_cols = args.value_cols.split(",") if args.value_cols else None
     try:
         params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows or None,
                                      value_ranges=tuple(_value_range(v) for v in args.value_range))
-        summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
-                                model_dir=args.model, params=params)
+        with Progress("replay", quiet=args.quiet) as bar:
+            summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
+                                    model_dir=args.model, params=params, progress=bar)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(str(exc)) from None
+    if summary.skipped_cols:   # the one info line: what the replay did not watch, and why
+        print(f"edge-agent replay: skipped {len(summary.skipped_cols)} column(s) that are no detector feature "
+              f"(counters, totals, uptime, process count) or not in [detect] features: "
+              f"{', '.join(summary.skipped_cols)}", file=sys.stderr)
     print(json.dumps({"rows": summary.rows, "train_rows": summary.train_rows, "detector": summary.detector,
-                      "episodes": summary.episodes, "model_version": summary.model_version, "out": args.out}))
+                      "episodes": summary.episodes, "model_version": summary.model_version, "out": args.out,
+                      "value_cols": list(summary.value_cols), "skipped_cols": list(summary.skipped_cols)}))
     return 0
 
 
@@ -215,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .csv (timestamp, score, anomaly_score, severity, episode_id) "
                    "or .jsonl")
     p.add_argument("--timestamp-col", default="timestamp")
-    p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
+    p.add_argument("--value-cols", help="comma-separated value columns (default: the [detect] features the CSV "
+                   "has, else every column that is no counter, total, uptime or process count)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
     p.add_argument("--train-rows", type=int, help="rows used as the training window (default: 15%%, at most 750)")
     p.add_argument("--value-range", action="append", default=[], metavar="COLUMN=LOW:HIGH",
