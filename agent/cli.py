@@ -109,12 +109,15 @@ def _cmd_export(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 def _cmd_train(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import training
+    from agent.progress import Progress
 
     try:
         if args.kind == "forest":
-            result = training.train_forest(cfg)
+            with Progress("train forest", unit="stages", quiet=args.quiet) as bar:
+                result = training.train_forest(cfg, progress=bar)
         else:
-            result = training.train_forecaster(cfg)
+            with Progress("train lstm", unit="epochs", quiet=args.quiet) as bar:
+                result = training.train_forecaster(cfg, progress=bar)
     except training.TrainingError as exc:
         print(f"edge-agent train: {exc}", file=sys.stderr)
         return 1

@@ -53,6 +53,7 @@ class Progress:
         self._started = clock()
         self._last_draw: float | None = None
         self._width = 0
+        self._drawn: tuple[int, int] | None = None
         self.done = self.total = 0
 
     def __call__(self, done: int, total: int) -> None:
@@ -70,10 +71,13 @@ class Progress:
         self.stream.flush()
         self._width = len(text)
         self._last_draw = now
+        self._drawn = (self.done, self.total)
 
     def close(self) -> None:
+        """End the line (after drawing the final state if the last draw was skipped)."""
         if self.enabled and self._last_draw is not None:
-            self._draw(self._clock())
+            if self._drawn != (self.done, self.total):
+                self._draw(self._clock())
             self.stream.write("\n")
             self.stream.flush()
 

@@ -80,6 +80,13 @@ def _target(args: argparse.Namespace) -> Any:
     return None
 
 
+def _progress(args: argparse.Namespace, label: str, unit: str) -> Any:
+    """A progress bar on stderr for a long command: only on a terminal and without --quiet."""
+    from agent.progress import Progress
+
+    return Progress(label, unit=unit, quiet=getattr(args, "quiet", False))
+
+
 class _Stop:
     """SIGTERM/SIGINT set an event, so long-running commands flush and exit 0."""
 
@@ -193,9 +200,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (args.source or config.train.source) == "shadow" and config.source.shadow_url:
             from fleet.store import open_store
             shadow = open_store(config.source.shadow_url, config.store.busy_timeout_s)
-        outcome = run_training(store, config, target, use_lstm=False if args.no_lstm else None, source=args.source,
-                               shadow=shadow, publish=False if args.no_publish else None, force_promote=args.force,
-                               since_s=_time_arg(args.since))
+        with _progress(args, f"train {target.label}", "stages") as bar:
+            outcome = run_training(store, config, target, use_lstm=False if args.no_lstm else None,
+                                   source=args.source, shadow=shadow, publish=False if args.no_publish else None,
+                                   force_promote=args.force, since_s=_time_arg(args.since), progress=bar)
     finally:
         store.close()
         if shadow is not None:
@@ -306,8 +314,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         return EXIT_OK
     store = _open(config)
     try:
-        reports = retrain.run_once(store, config, dry_run=args.dry_run, use_lstm=use_lstm,
-                                   check_drift=not args.no_drift)
+        with _progress(args, "retrain", "targets") as bar:
+            reports = retrain.run_once(store, config, dry_run=args.dry_run, use_lstm=use_lstm,
+                                       check_drift=not args.no_drift, progress=bar)
     finally:
         store.close()
     _print_reports(reports, args.json)

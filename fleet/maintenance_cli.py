@@ -32,7 +32,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-fleet simulate: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    fleet = simulate_fleet(params)
+    from fleet.commands import _progress
+
+    with _progress(args, "simulate", "devices") as bar:
+        fleet = simulate_fleet(params, progress=bar)
     out: dict[str, Any] = {"summary": summary(fleet)}
     if args.out:
         write_csv(fleet, args.out)

@@ -55,7 +55,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -427,8 +427,10 @@ def _anomaly_events(rng: np.random.Generator, p: SimParams, t: np.ndarray, failu
     return out
 
 
-def simulate_fleet(params: SimParams = SimParams()) -> SimulatedFleet:
-    """Deterministic per params: the same seed gives the same fleet, bit for bit."""
+def simulate_fleet(params: SimParams = SimParams(),
+                   progress: Callable[[int, int], None] | None = None) -> SimulatedFleet:
+    """Deterministic per params: the same seed gives the same fleet, bit for bit;
+    ``progress(done, devices)`` after each device."""
     shapes = _nab_shapes() if params.use_nab else ()
     root = np.random.SeedSequence(params.seed)
     children = root.spawn(params.devices + 1)
@@ -446,6 +448,8 @@ def simulate_fleet(params: SimParams = SimParams()) -> SimulatedFleet:
         dev, fails = _simulate_device(rng, params, f"sim-{i:0{width}d}", role, drift_to, shapes)
         devices.append(dev)
         failures.extend(fails)
+        if progress is not None:
+            progress(i + 1, params.devices)
     failures.sort(key=lambda f: (f.ts_s, f.device_id))
     return SimulatedFleet(params, devices, failures)
 
