@@ -24,7 +24,8 @@ from agent.timeparse import iso_utc
 def _rows(store: Store, names: Sequence[str], since_s: float | None,
           until_s: float | None) -> Iterator[tuple[float, dict[str, float]]]:
     """(ts_s, {metric: value}) in sample order; absent values are left out."""
-    table = sqlite_utils.Database(store.conn)["samples"]
+    # leave the connection as it is: no plugins, no PRAGMA recursive_triggers
+    table = sqlite_utils.Database(store.conn, recursive_triggers=False, execute_plugins=False)["samples"]
     known = set(store.metric_names())
     cols = [n for n in names if n in known]
     where, args = time_range(since_s, until_s)
