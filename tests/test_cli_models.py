@@ -68,9 +68,11 @@ def cfg(tmp_path: Path, keys: dict) -> config.AgentConfig:
 
 
 def models_cli(cfg: config.AgentConfig, *argv: str) -> int:
+    from agent.cli import GLOBAL_OPTIONS
+
     parser = argparse.ArgumentParser(prog="edge-agent")
     cli_models.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["models", *argv])
+    args = GLOBAL_OPTIONS.parse(GLOBAL_OPTIONS.install(parser), ["models", *argv])
     assert args.command == "models"
     return cli_models.run(cfg, args)
 
