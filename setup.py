@@ -31,6 +31,7 @@ setup(
         "psutil>=5.9",
         "paho-mqtt>=2.0,<3",
         "cryptography>=41",
+        "sqlite-utils>=3.30",     # one-shot commands (export) and `sqlite-utils` to inspect the buffer
     ],
     extras_require={
         "edge": [

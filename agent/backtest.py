@@ -27,7 +27,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 import numpy as np
 
@@ -96,8 +96,9 @@ def _fmt(v: float | None) -> str:
 
 def backtest(input_csv: str | Path, metric: str, out_csv: str | Path | IO[str], *, model_dir: str | Path | None = None,
              horizon: int = 12, every: int = 1, warmup: int | None = None,
-             params: ForecastParams | None = None) -> dict:
-    """Write the rolling-origin CSV; returns {"rows", "origins", "step_s", "scores": per model}."""
+             params: ForecastParams | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write the rolling-origin CSV; returns {"rows", "origins", "step_s", "scores": per model};
+    ``progress(done, total)`` is told after every input row."""
     if every < 1:
         raise ValueError("every must be >= 1")
     texts, ts, ys = read_input(input_csv, metric)
@@ -124,6 +125,8 @@ def backtest(input_csv: str | Path, metric: str, out_csv: str | Path | IO[str], 
         for i in range(n):
             engine.observe_step(float(ts[i]), {metric: float(ys[i])})
             engine.maintain(max_fits=None)
+            if progress is not None:
+                progress(i + 1, n)
             iss = engine.issued(metric)
             if iss is None or i + 1 >= n:
                 continue
@@ -169,11 +172,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def run(args: argparse.Namespace, params: ForecastParams | None = None, stdout: IO[str] = sys.stdout) -> int:
+def run(args: argparse.Namespace, params: ForecastParams | None = None, stdout: IO[str] | None = None) -> int:
     """Execute a parsed ``edge-agent backtest``; prints a per-model summary. Exit code 0/2."""
+    stdout = stdout or sys.stdout   # looked up now, not at import: a redirected stdout must be honoured
+    from agent.progress import Progress
+
     try:
-        summary = backtest(args.input, args.metric, args.out, model_dir=args.model, horizon=args.horizon,
-                           every=args.every, warmup=args.warmup, params=params)
+        with Progress("backtest", quiet=getattr(args, "quiet", False)) as bar:
+            summary = backtest(args.input, args.metric, args.out, model_dir=args.model, horizon=args.horizon,
+                               every=args.every, warmup=args.warmup, params=params, progress=bar)
     except (OSError, ValueError) as exc:
         print(f"backtest: {exc}", file=sys.stderr)
         return 2

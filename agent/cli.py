@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 from agent import __version__, cli_models, config as config_mod
+from agent.cliopts import GlobalOptions, option
 from agent.config import AgentConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,15 @@ class UsageError(Exception):
     """A bad argument value detected after argparse (e.g. an unparseable time)."""
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="configuration file (default: $EDGE_AGENT_CONFIG, "
-                   "then /etc/edge-agent/agent.toml, then the built-in local default)")
-    p.add_argument("-v", "--debug", action="store_true", help="log at DEBUG level (overrides agent.log_level)")
+# Accepted by every command, before or after its name (agent/cliopts.py); add new global options here.
+GLOBAL_OPTIONS = GlobalOptions(
+    option("--config", metavar="PATH", help="configuration file (default: $EDGE_AGENT_CONFIG, "
+           "then /etc/edge-agent/agent.toml, then the built-in local default)"),
+    option("-v", "--debug", action="store_true", default=False,
+           help="log at DEBUG level (overrides agent.log_level)"),
+    option("-q", "--quiet", action="store_true", default=False,
+           help="no progress bar (there is none anyway when stderr is not a terminal)"),
+)
 
 
 def _cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
@@ -171,12 +177,15 @@ def _cmd_export(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 def _cmd_train(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import training
+    from agent.progress import Progress
 
     try:
         if args.kind == "forest":
-            result = training.train_forest(cfg)
+            with Progress("train forest", unit="stages", quiet=args.quiet) as bar:
+                result = training.train_forest(cfg, progress=bar)
         else:
-            result = training.train_forecaster(cfg)
+            with Progress("train lstm", unit="epochs", quiet=args.quiet) as bar:
+                result = training.train_forecaster(cfg, progress=bar)
     except training.TrainingError as exc:
         print(f"edge-agent train: {exc}", file=sys.stderr)
         return 1
@@ -209,20 +218,26 @@ def _value_range(text: str) -> tuple[str, float, float]:
 
 def _cmd_replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent import replay
-
     from agent.detection import detect_params
+    from agent.progress import Progress
 
-    # [detect] thresholds and windows apply; the features are the CSV's columns
+    # [detect] thresholds and windows apply; the features are the CSV's (agent/replay.py chooses them)
     value_cols = args.value_cols.split(",") if args.value_cols else None
     try:
         params = replay.ReplayParams(detect=detect_params(cfg.detect), train_rows=args.train_rows,
                                      value_ranges=tuple(_value_range(v) for v in args.value_range))
-        summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
-                                model_dir=args.model, params=params)
+        with Progress("replay", quiet=args.quiet) as bar:
+            summary = replay.replay(args.input, args.out, timestamp_col=args.timestamp_col, value_cols=value_cols,
+                                    model_dir=args.model, params=params, progress=bar)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(str(exc)) from None
+    if summary.skipped_cols:   # the one info line: what the replay did not watch, and why
+        print(f"edge-agent replay: skipped {len(summary.skipped_cols)} column(s) that are no detector feature "
+              f"(counters, totals, uptime, process count) or not in [detect] features: "
+              f"{', '.join(summary.skipped_cols)}", file=sys.stderr)
     print(json.dumps({"rows": summary.rows, "train_rows": summary.train_rows, "detector": summary.detector,
-                      "episodes": summary.episodes, "model_version": summary.model_version, "out": args.out}))
+                      "episodes": summary.episodes, "model_version": summary.model_version, "out": args.out,
+                      "value_cols": list(summary.value_cols), "skipped_cols": list(summary.skipped_cols)}))
     return 0
 
 
@@ -268,21 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the agent in the foreground")
-    _add_config(p)
     p.add_argument("--once", "--test", dest="once", action="store_true",
                    help="print one sample and its scores (detector warmed on the buffer), store and send nothing")
 
     p = sub.add_parser("config", help="print the effective configuration as TOML (or a sample one)")
-    _add_config(p)
     p.add_argument("--sample", action="store_true", help="print the documented sample configuration instead")
     p.add_argument("--show-secrets", action="store_true", help="print passwords and tokens instead of ***")
 
     p = sub.add_parser("status", help="show samples, events, outbox, connection and models")
-    _add_config(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("export", help="write a time range of samples as CSV or JSON lines")
-    _add_config(p)
     p.add_argument("--since", help="start: ISO 8601, epoch seconds or an age such as 24h")
     p.add_argument("--until", help="end: ISO 8601, epoch seconds or an age")
     p.add_argument("--metrics", help="comma-separated metric names (default: all)")
@@ -290,18 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: standard output)")
 
     p = sub.add_parser("train", help="train a model on this device's history and install it")
-    _add_config(p)
     p.add_argument("--kind", choices=("forest", "forecast"), default="forest",
                    help="forest: Isolation Forest (scikit-learn); forecast: LSTM (TensorFlow)")
     p.add_argument("--forecast", dest="kind", action="store_const", const="forecast", help="same as --kind forecast")
 
     p = sub.add_parser("replay", help="run the detection pipeline over a CSV as fast as it can")
-    _add_config(p)
     p.add_argument("input", help="CSV with a timestamp column (ISO 8601 or epoch s) and numeric columns")
     p.add_argument("--out", required=True, help="output .csv (timestamp, score, anomaly_score, severity, episode_id) "
                    "or .jsonl")
     p.add_argument("--timestamp-col", default="timestamp", help="the timestamp column (default: timestamp)")
-    p.add_argument("--value-cols", help="comma-separated value columns (default: every numeric column)")
+    p.add_argument("--value-cols", help="comma-separated value columns (default: the [detect] features the CSV "
+                   "has, else every column that is no counter, total, uptime or process count)")
     p.add_argument("--model", help="a forest model directory to use instead of training on the first rows")
     p.add_argument("--train-rows", type=_positive_int, help="rows used as the training window (default: 15%%, at most 750)")
     p.add_argument("--value-range", action="append", default=[], metavar="COLUMN=LOW:HIGH",
@@ -311,25 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.backtest import add_arguments as add_backtest_arguments
 
     p = sub.add_parser("backtest", help="rolling-origin evaluation of the device's forecasters over a CSV")
-    _add_config(p)
     add_backtest_arguments(p)
 
     p = sub.add_parser("report", help="write the device page (charts, forecast, events) as one self-contained HTML file")
-    _add_config(p)
     p.add_argument("--since", default="24h", help="start: ISO 8601, epoch seconds or an age (default: 24h)")
     p.add_argument("--until", help="end (default: the newest sample)")
     p.add_argument("--points", type=_positive_int, default=2000, help="values per chart at most (min/max downsampling)")
     p.add_argument("--out", required=True, help="output .html file")
 
     cli_models.add_parser(sub)
-    return parser
+    return GLOBAL_OPTIONS.install(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = GLOBAL_OPTIONS.parse(build_parser(), argv)
     try:
-        cfg = config_mod.load(getattr(args, "config", None))
+        cfg = config_mod.load(args.config)
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

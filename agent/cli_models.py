@@ -34,32 +34,20 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
-def _add_config(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
-    # SUPPRESS on the leaves: `edge-agent models --config X list` must not be reset by the leaf's default
-    p.add_argument("--config", metavar="PATH", default=default,
-                   help="configuration file (default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml, "
-                        "then the built-in local default)")
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``models`` on edge-agent's sub-command parser."""
     p = subparsers.add_parser("models", help="installed models: list, show, roll back, install a bundle file")
-    _add_config(p, default=None)
     sub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     q = sub.add_parser("list", help="installed models, one line each")
     q.add_argument("--json", action="store_true", help="print a JSON list")
-    _add_config(q)
     q = sub.add_parser("show", help="one model kind: pointer, manifest, integrity, accepted and refused versions")
     q.add_argument("kind", metavar="KIND", help="model kind, e.g. forest or lstm")
     q.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_config(q)
     q = sub.add_parser("rollback", help="restore the previous version of KIND and refuse the current one")
     q.add_argument("kind", metavar="KIND", help="model kind to roll back, e.g. forest")
     q.add_argument("--reason", default="manual rollback (edge-agent models rollback)", help="recorded and reported")
-    _add_config(q)
     q = sub.add_parser("install", help="install a signed bundle file (offline devices; same checks as MQTT)")
     q.add_argument("file", metavar="FILE", help="bundle written by edge-fleet bundle")
-    _add_config(q)
     return p
 
 

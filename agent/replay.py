@@ -13,6 +13,13 @@ fewer rows than the forest's minimum, or with a single value column (the forest
 would only repeat the value's z-score, see ``forest_min_metrics``), replay stays
 z-score only and logs why.
 With ``model_dir`` (a forest model directory) that model is used from row one.
+
+Value columns (unless named): every CSV an ``edge-agent export`` writes must replay, so
+columns that are no detector feature (counters, totals, uptime, process count) are
+skipped, and when the CSV has any of the device's ``[detect] features`` exactly those
+are used, so a replay of a device's export watches what that device watched. Any other
+CSV (``value``, a NAB series) uses every remaining column. The skipped columns are named
+in one info line and in the summary, never an error.
 An ``episode_id`` is written on every row from an episode's start to its end.
 """
 from __future__ import annotations
@@ -26,10 +33,10 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from models.detect import DetectParams, Detector, RowResult
-from models.features import derived_names
+from models.features import derived_names, is_detector_feature
 from models.forest import ForestModel, load_forest_model
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,7 @@ class ReplaySummary:
     detector: str
     episodes: int
     model_version: int | None
+    skipped_cols: tuple[str, ...] = ()
 
 
 def parse_timestamp(text: str) -> float:
@@ -75,17 +83,20 @@ def parse_timestamp(text: str) -> float:
     return dt.timestamp()
 
 
-def read_csv(path: str | Path, timestamp_col: str = "timestamp",
-             value_cols: Sequence[str] | None = None) -> tuple[list[str], list[float], list[dict], tuple[str, ...]]:
+def choose_value_cols(columns: Sequence[str], device_features: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(value columns, skipped columns) of a CSV without ``--value-cols`` (see the module docstring)."""
+    usable = [c for c in columns if is_detector_feature(c)]
+    device = [f for f in device_features if f in usable]
+    chosen = tuple(device or usable)
+    return chosen, tuple(c for c in columns if c not in chosen)
+
+
+def read_csv(path: str | Path, timestamp_col: str = "timestamp", value_cols: Sequence[str] | None = None,
+             device_features: Sequence[str] = ()) -> tuple[list[str], list[float], list[dict], tuple[str, ...]]:
     """(raw timestamps, ts_s, value dicts, value columns); unparsable cells are missing values."""
+    cols, _ = read_header(path, timestamp_col, value_cols, device_features)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or timestamp_col not in reader.fieldnames:
-            raise ValueError(f"{path}: no {timestamp_col!r} column")
-        cols = tuple(value_cols) if value_cols else tuple(c for c in reader.fieldnames if c != timestamp_col)
-        missing = [c for c in cols if c not in reader.fieldnames]
-        if missing or not cols:
-            raise ValueError(f"{path}: value columns missing: {missing or 'none given'}")
         raw_ts, ts, rows = [], [], []
         for line in reader:
             raw = line[timestamp_col]
@@ -101,6 +112,29 @@ def read_csv(path: str | Path, timestamp_col: str = "timestamp",
                     vals[c] = v
             rows.append(vals)
     return raw_ts, ts, rows, cols
+
+
+def read_header(path: str | Path, timestamp_col: str = "timestamp", value_cols: Sequence[str] | None = None,
+                device_features: Sequence[str] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(value columns, skipped columns) of ``path``; ValueError when there is nothing to replay."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), None)
+    if header is None or timestamp_col not in header:
+        raise ValueError(f"{path}: no {timestamp_col!r} column")
+    others = [c for c in header if c != timestamp_col]
+    if value_cols:
+        missing = [c for c in value_cols if c not in header]
+        if missing:
+            raise ValueError(f"{path}: value columns missing: {missing}")
+        refused = [c for c in value_cols if not is_detector_feature(c)]
+        if refused:
+            raise ValueError(f"--value-cols: {', '.join(refused)} never a detector feature "
+                             "(a counter, a total, uptime or the process count)")
+        return tuple(value_cols), tuple(c for c in others if c not in value_cols)
+    cols, skipped = choose_value_cols(others, device_features)
+    if not cols:
+        raise ValueError(f"{path}: no value column to replay (only {', '.join(skipped) or 'a timestamp'})")
+    return cols, skipped
 
 
 def _train_forest(rows: list[dict], names: Sequence[str], version: int) -> ForestModel | None:
@@ -139,9 +173,11 @@ def numeric_columns(rows: Sequence[dict], cols: Sequence[str], *, explicit: bool
 
 
 def replay_rows(ts: Sequence[float], rows: Sequence[dict], value_cols: Sequence[str],
-                params: ReplayParams = ReplayParams(), model: ForestModel | None = None
+                params: ReplayParams = ReplayParams(), model: ForestModel | None = None,
+                progress: Callable[[int, int], None] | None = None
                 ) -> tuple[list[RowResult], list[dict], ReplaySummary]:
-    """Pure-ish core: results per row (episode ids filled over whole episodes) and close events."""
+    """Pure-ish core: results per row (episode ids filled over whole episodes) and close events;
+    ``progress(done, total)`` is told after every row."""
     n = len(rows)
     if params.train_rows is not None:
         train_n = min(params.train_rows, n)
@@ -172,6 +208,8 @@ def replay_rows(ts: Sequence[float], rows: Sequence[dict], value_cols: Sequence[
         r, events = det.update(ts[i], rows[i])
         results.append(r)
         closed.extend(e for e in events if e["action"] == "close")
+        if progress is not None:
+            progress(i + 1, n)
     closed.extend(det.flush())
     # an episode covers [start_ts_s, end_ts_s]: label every row inside, including its opening run
     ids: list[str | None] = [None] * n
@@ -196,15 +234,21 @@ def _fmt(v: float) -> str:
 
 def replay(input_csv: str | Path, out_csv: str | Path, timestamp_col: str = "timestamp",
            value_cols: Sequence[str] | None = None, model_dir: str | Path | None = None,
-           params: ReplayParams = ReplayParams()) -> ReplaySummary:
-    raw_ts, ts, rows, cols = read_csv(input_csv, timestamp_col, value_cols)
+           params: ReplayParams = ReplayParams(),
+           progress: Callable[[int, int], None] | None = None) -> ReplaySummary:
+    cols, skipped = read_header(input_csv, timestamp_col, value_cols, params.detect.features)
+    if skipped:
+        log.debug("replay: skipped %d column(s) that are no detector feature or not in [detect] features: %s",
+                 len(skipped), ", ".join(skipped))
+    raw_ts, ts, rows, cols = read_csv(input_csv, timestamp_col, cols)
     cols = numeric_columns(rows, cols, explicit=bool(value_cols), source=str(input_csv))
     model = load_forest_model(model_dir) if model_dir is not None else None
     if model is not None:
         unknown = [f for f in model.feature_names if f.split("|", 1)[0] not in cols]
         if unknown:
             raise ValueError(f"model needs columns absent from {input_csv}: {unknown}")
-    results, _, summary = replay_rows(ts, rows, cols, params, model)
+    results, _, summary = replay_rows(ts, rows, cols, params, model, progress)
+    summary = replace(summary, skipped_cols=skipped)
     out = Path(out_csv)
     if out.suffix == ".jsonl":
         with open(out, "w", encoding="utf-8") as f:

@@ -113,6 +113,18 @@ def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str])
     return version
 
 
+def time_range(since_s: float | None, until_s: float | None) -> tuple[str, list[float]]:
+    """The WHERE condition ('' for all time) and its arguments for samples in [since_s, until_s]."""
+    where, args = [], []
+    if since_s is not None:
+        where.append("ts_s >= ?")
+        args.append(since_s)
+    if until_s is not None:
+        where.append("ts_s <= ?")
+        args.append(until_s)
+    return " AND ".join(where), args
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """A connection with the pragmas every user of the agent database needs."""
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=5.0, check_same_thread=False)
@@ -345,16 +357,10 @@ class Store:
         known = self.metric_names()
         names = [m for m in (metrics if metrics is not None else known) if m in known]
         cols = ", ".join(["ts_s", *map(quote_ident, names)]) if names else "ts_s"
-        where, args = [], []
-        if since_s is not None:
-            where.append("ts_s >= ?")
-            args.append(since_s)
-        if until_s is not None:
-            where.append("ts_s <= ?")
-            args.append(until_s)
+        where, args = time_range(since_s, until_s)
         sql = f"SELECT {cols} FROM samples"
         if where:
-            sql += " WHERE " + " AND ".join(where)
+            sql += " WHERE " + where
         sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"

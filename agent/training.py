@@ -66,9 +66,13 @@ def _train_and_install(cfg: AgentConfig, store: Store, kind: str,
     return decision, meta
 
 
+FOREST_STAGES = 3   # read the clean history, fit, install: what ``progress(done, FOREST_STAGES)`` counts
+
+
 def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = TrainingWindow(),
-                 now_s: float | None = None) -> dict[str, Any]:
+                 now_s: float | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Fit the Isolation Forest on clean history and install it as the device's local model."""
+    tell = progress or (lambda done, total: None)
     try:
         from models.training.forest import NotEnoughSamples, train_forest_from_rows
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -85,17 +89,21 @@ def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = 
         raise TrainingError(f"database {cfg.db_path} cannot be opened")
     try:
         rows = clean_rows(store, window, now_s)
+        tell(1, FOREST_STAGES)
         features = select_feature_names(rows, cfg.detect.features)
         if not features:
             raise TrainingError(f"no usable feature in {len(rows)} clean samples")
 
         def fit(model_dir: Path, version: int) -> dict[str, Any]:
             try:
-                return train_forest_from_rows(rows, features, params, model_dir, version=version)
+                meta = train_forest_from_rows(rows, features, params, model_dir, version=version)
             except NotEnoughSamples as exc:
                 raise TrainingError(f"not enough clean samples: {exc}") from None
+            tell(2, FOREST_STAGES)
+            return meta
 
         decision, meta = _train_and_install(cfg, store, "forest", fit)
+        tell(3, FOREST_STAGES)
     finally:
         store.close()
     log.info("forest v%s trained on %d samples x %d features and installed", decision.version, meta.get("n_samples"),
@@ -104,7 +112,7 @@ def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = 
 
 
 def train_forecaster(cfg: AgentConfig, window: TrainingWindow = TrainingWindow(),
-                     now_s: float | None = None) -> dict[str, Any]:
+                     now_s: float | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Fit the LSTM forecaster on this device's history ([forecast] metrics, step means) and install it
     as the device's local ``lstm`` model; the running daemon picks it up within ``poll_interval_s``.
 
@@ -135,7 +143,8 @@ def train_forecaster(cfg: AgentConfig, window: TrainingWindow = TrainingWindow()
 
         def fit(model_dir: Path, version: int) -> dict[str, Any]:
             try:
-                return train_lstm_from_rows(rows, metrics, model_dir, version, params, step_s=fc.step_s)
+                return train_lstm_from_rows(rows, metrics, model_dir, version, params, step_s=fc.step_s,
+                                            progress=progress)
             except NotEnoughHistory as exc:
                 raise TrainingError(f"not enough history for the LSTM: {exc}") from None
             except ConversionMismatch as exc:

@@ -18,11 +18,23 @@ import logging
 import sys
 from typing import Callable, NoReturn, Sequence
 
+from agent.cliopts import GlobalOptions, option
+
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
+
+
+# Accepted by every subcommand, before or after its name (agent/cliopts.py); add new global options here.
+GLOBAL_OPTIONS = GlobalOptions(
+    option("--config", metavar="PATH",
+           help="fleet TOML (default: $EDGE_FLEET_CONFIG, /etc/edge-fleet/fleet.toml, built-in)"),
+    option("-v", "--verbose", action="count", default=0, help="progress logs (-vv: debug)"),
+    option("-q", "--quiet", action="store_true", default=False,
+           help="no progress bar (there is none anyway when stderr is not a terminal)"),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fleet.serve import register as register_serve; COMMANDS.update(register_serve(sub))  # noqa: E702
     from fleet.maintenance_cli import register as register_maintenance; COMMANDS.update(register_maintenance(sub))  # noqa: E702,E501
     from fleet.clusters import register as register_clusters; COMMANDS.update(register_clusters(sub))  # noqa: E702
-    return parser
+    return GLOBAL_OPTIONS.install(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = GLOBAL_OPTIONS.parse(parser, argv)
     except SystemExit as exc:  # --help (0) or a usage error already printed (2)
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
     from agent import logsetup

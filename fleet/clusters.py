@@ -414,10 +414,9 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> dict[str, Any]:
     """Add ``clusters`` to ``subparsers``; returns {name: handler} (fleet/cli.py merges it)."""
-    from fleet.commands import _common, _guard
+    from fleet.commands import _guard
 
     p = subparsers.add_parser("clusters", help="cluster devices by behaviour; list clusters, sizes and outliers")
-    _common(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--group", metavar="NAME", help="only this group's devices (default: the whole fleet)")
     g.add_argument("--fleet", action="store_true", help="every device in the store (the default)")

@@ -5,7 +5,8 @@ merges that into its command table. A handler takes the parsed arguments and
 returns the exit code: 0 success, 1 a check failed (not enough data, a retrain
 pass with a failed target), 2 configuration, store or usage errors - printed on
 one line, never a traceback. Every subcommand takes ``--config PATH`` (see
-fleet.config for the lookup) and ``-v`` for progress logs.
+fleet.config for the lookup) and ``-v`` for progress logs: edge-fleet declares those once for every
+subcommand (GLOBAL_OPTIONS in fleet/cli.py).
 """
 from __future__ import annotations
 
@@ -77,6 +78,13 @@ def _target(args: argparse.Namespace) -> Any:
     if getattr(args, "group", None):
         return check_target({"type": "group", "id": args.group})
     return None
+
+
+def _progress(args: argparse.Namespace, label: str, unit: str) -> Any:
+    """A progress bar on stderr for a long command: only on a terminal and without --quiet."""
+    from agent.progress import Progress
+
+    return Progress(label, unit=unit, quiet=getattr(args, "quiet", False))
 
 
 class _Stop:
@@ -192,9 +200,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (args.source or config.train.source) == "shadow" and config.source.shadow_url:
             from fleet.store import open_store
             shadow = open_store(config.source.shadow_url, config.store.busy_timeout_s)
-        outcome = run_training(store, config, target, use_lstm=False if args.no_lstm else None, source=args.source,
-                               shadow=shadow, publish=False if args.no_publish else None, force_promote=args.force,
-                               since_s=_time_arg(args.since))
+        with _progress(args, f"train {target.label}", "stages") as bar:
+            outcome = run_training(store, config, target, use_lstm=False if args.no_lstm else None,
+                                   source=args.source, shadow=shadow, publish=False if args.no_publish else None,
+                                   force_promote=args.force, since_s=_time_arg(args.since), progress=bar)
     finally:
         store.close()
         if shadow is not None:
@@ -305,8 +314,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         return EXIT_OK
     store = _open(config)
     try:
-        reports = retrain.run_once(store, config, dry_run=args.dry_run, use_lstm=use_lstm,
-                                   check_drift=not args.no_drift)
+        with _progress(args, "retrain", "targets") as bar:
+            reports = retrain.run_once(store, config, dry_run=args.dry_run, use_lstm=use_lstm,
+                                       check_drift=not args.no_drift, progress=bar)
     finally:
         store.close()
     _print_reports(reports, args.json)
@@ -352,12 +362,6 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 # -- parsers -----------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH",
-                   help="fleet TOML (default: $EDGE_FLEET_CONFIG, /etc/edge-fleet/fleet.toml, built-in)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="progress logs (-vv: debug)")
-
-
 def _target_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--device", metavar="ID", help="one device")
@@ -368,12 +372,10 @@ def _target_args(p: argparse.ArgumentParser, required: bool) -> None:
 def register(subparsers: Any) -> dict[str, Handler]:
     """Add collect, alerts, train, models, retrain and drift to ``subparsers``; returns their handlers."""
     p = subparsers.add_parser("collect", help="store every device's telemetry, anomalies, forecasts and twin state")
-    _common(p)
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until SIGTERM)")
     p.add_argument("--json", action="store_true", help="final counts as JSON")
 
     p = subparsers.add_parser("alerts", help="list or follow anomaly events across the fleet")
-    _common(p)
     p.add_argument("--device", metavar="ID", help="only this device")
     p.add_argument("--severity", choices=("normal", "warning", "critical"), help="this severity or worse")
     p.add_argument("--since", metavar="T", help="ISO 8601, epoch seconds or an age (24h, 7d)")
@@ -386,7 +388,6 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--label-name", default="anomaly", help=argparse.SUPPRESS)
 
     p = subparsers.add_parser("train", help="train, evaluate and register a model; promote and publish if it wins")
-    _common(p)
     _target_args(p, required=True)
     p.add_argument("--no-lstm", action="store_true", help="train the Isolation Forest only")
     p.add_argument("--source", choices=("collected", "shadow"), help="training rows (default: train.source)")
@@ -398,28 +399,23 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p = subparsers.add_parser("models", help="the model registry: list | show | promote | rollback")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION", parser_class=type(p))
     q = msub.add_parser("list", help="every version (filter by --target, --status)")
-    _common(q)
     q.add_argument("--target", metavar="T", help="device:ID, group:NAME or fleet")
     q.add_argument("--status", choices=("candidate", "champion", "retired"), help="only versions in this state")
     q.add_argument("--json", action="store_true", help="print JSON")
     q = msub.add_parser("show", help="one version with its metrics, data range and parameters")
-    _common(q)
     q.add_argument("target", metavar="TARGET", help="device:ID, group:NAME or fleet")
     q.add_argument("version", type=int, nargs="?", metavar="VERSION", help="default: the champion")
     q.add_argument("--json", action="store_true", help="compact JSON")
     q = msub.add_parser("promote", help="make a version the champion and publish it (no comparison)")
-    _common(q)
     q.add_argument("target", metavar="TARGET", help="device:ID, group:NAME or fleet")
     q.add_argument("version", type=int, metavar="VERSION", help="the version to make champion")
     q.add_argument("--no-publish", action="store_true", help="promote, but do not publish")
     q = msub.add_parser("rollback", help="republish the previous champion (as a new version) and make it champion")
-    _common(q)
     q.add_argument("target", metavar="TARGET", help="device:ID, group:NAME or fleet")
     q.add_argument("--to", type=int, metavar="VERSION", help="this version instead of the previous champion")
     q.add_argument("--no-publish", action="store_true", help="make it champion, but do not publish")
 
     p = subparsers.add_parser("retrain", help="retrain every target that is due (24 h) or drifting")
-    _common(p)
     p.add_argument("--loop", action="store_true", help="repeat every retrain.loop_interval_s until SIGTERM")
     p.add_argument("--dry-run", action="store_true", help="only say which targets are due and why")
     p.add_argument("--no-lstm", action="store_true", help="train the Isolation Forest only")
@@ -428,7 +424,6 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = subparsers.add_parser("drift", help="compare recent data and forecast accuracy with each champion")
-    _common(p)
     _target_args(p, required=False)
     p.add_argument("--target", metavar="T", help="device:ID, group:NAME or fleet (default: every target)")
     p.add_argument("--all", action="store_true", help="show every verdict, not only the flagged ones")

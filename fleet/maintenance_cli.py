@@ -45,7 +45,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if params.use_nab and found is not None:
         params = dataclasses.replace(params, datasets_dir=str(found))
-    fleet = simulate_fleet(params)
+    from fleet.commands import _progress
+
+    with _progress(args, "simulate", "devices") as bar:
+        fleet = simulate_fleet(params, progress=bar)
     out: dict[str, Any] = {"summary": summary(fleet)}
     out["noise"] = f"NAB traces from {found / 'nab'}" if fleet.noise == "nab" and found else "synthetic"
     if args.out:
@@ -117,11 +120,9 @@ def register(subparsers: Any) -> dict[str, Handler]:
     for name, text in (("train", "build the dataset from the store, train, register (and publish)"),
                        ("evaluate", "score a registered (or given) model on the store's history")):
         q = msub.add_parser(name, help=text)
-        q.add_argument("--config", metavar="PATH", help="fleet config (default: $EDGE_FLEET_CONFIG, built-in)")
         q.add_argument("--store", metavar="URL", help="fleet store URL (default: the config's)")
         q.add_argument("--since", type=float, metavar="EPOCH_S", help="oldest sample used")
         q.add_argument("--json", action="store_true", help="print JSON")
-        q.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
         if name == "train":
             q.add_argument("--out", metavar="DIR", help="also write the model directory here")
             q.add_argument("--trees", type=int, default=100, help="trees in the random forest (default 100)")

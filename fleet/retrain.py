@@ -100,14 +100,19 @@ def _log_run(store: Store, now_s: float, target: Target, reasons: list[str], out
 
 
 def run_once(store: Store, config: FleetConfig, *, now_s: float | None = None, dry_run: bool = False,
-             use_lstm: bool | None = None, check_drift: bool = True) -> list[dict[str, Any]]:
-    """One pass; returns one report per target (outcome: idle, trained, skipped, failed, planned)."""
+             use_lstm: bool | None = None, check_drift: bool = True,
+             progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """One pass; returns one report per target (outcome: idle, trained, skipped, failed, planned);
+    ``progress(done, targets)`` after each target."""
     from fleet.train import run_training
 
     now = time.time() if now_s is None else now_s
     registry = Registry(store)
     reports = []
-    for p in plan(store, config, now, check_drift=check_drift):
+    plans = plan(store, config, now, check_drift=check_drift)
+    for done, p in enumerate(plans):
+        if progress is not None:
+            progress(done, len(plans))
         report: dict[str, Any] = {"target": p.target.label, "reasons": p.reasons, "outcome": "idle"}
         if dry_run:
             report["outcome"] = "planned" if p.due else "idle"
@@ -136,6 +141,8 @@ def run_once(store: Store, config: FleetConfig, *, now_s: float | None = None, d
             _log_run(store, now, p.target, p.reasons, report["outcome"], report.get("version"),
                      bool(report.get("promoted")), str(report.get("error") or report.get("reason") or ""))
         reports.append(report)
+    if progress is not None:
+        progress(len(plans), len(plans))
     return reports
 
 

@@ -321,8 +321,6 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     from fleet.commands import _guard
 
     p = subparsers.add_parser("serve", help="serve the fleet page: devices, alerts, risk, models, each device's charts")
-    p.add_argument("--config", metavar="PATH", help="fleet configuration (default: $EDGE_FLEET_CONFIG, "
-                   "then /etc/edge-fleet/fleet.toml, then built-in defaults)")
     p.add_argument("--bind", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default: {DEFAULT_PORT})")
     p.add_argument("--token", help="access token (default: $EDGE_FLEET_SERVE_TOKEN); required beyond loopback "

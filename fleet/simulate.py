@@ -55,7 +55,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -444,8 +444,10 @@ def _anomaly_events(rng: np.random.Generator, p: SimParams, t: np.ndarray, failu
     return out
 
 
-def simulate_fleet(params: SimParams = SimParams()) -> SimulatedFleet:
-    """Deterministic per params: the same seed gives the same fleet, bit for bit."""
+def simulate_fleet(params: SimParams = SimParams(),
+                   progress: Callable[[int, int], None] | None = None) -> SimulatedFleet:
+    """Deterministic per params: the same seed gives the same fleet, bit for bit;
+    ``progress(done, devices)`` after each device."""
     shapes = _nab_shapes(params.datasets_dir) if params.use_nab else ()
     root = np.random.SeedSequence(params.seed)
     children = root.spawn(params.devices + 1)
@@ -463,6 +465,8 @@ def simulate_fleet(params: SimParams = SimParams()) -> SimulatedFleet:
         dev, fails = _simulate_device(rng, params, f"sim-{i:0{width}d}", role, drift_to, shapes)
         devices.append(dev)
         failures.extend(fails)
+        if progress is not None:
+            progress(i + 1, params.devices)
     failures.sort(key=lambda f: (f.ts_s, f.device_id))
     return SimulatedFleet(params, devices, failures, "nab" if shapes else "synthetic")
 

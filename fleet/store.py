@@ -499,11 +499,12 @@ class Store:
                            "AND column_name = ? AND (? = '' OR table_schema = ?)",
                            (tname, column, schema, schema))
             return None if row is None else str(row[0]).lower()
-        rows = self.query(f"PRAGMA table_info({_quote_table(table)})")
-        for r in rows:
-            if r[1] == column:
-                return "numeric" if str(r[2]).upper() in ("REAL", "INTEGER", "NUMERIC") else "text"
-        return None
+        import sqlite_utils   # its declared-type mapping replaces reading PRAGMA table_info by hand
+
+        _quote_table(table)   # the same name check as PostgreSQL's
+        db = sqlite_utils.Database(self.conn, recursive_triggers=False, execute_plugins=False)
+        kind = db.table(table).columns_dict.get(column) if db.table(table).exists() else None
+        return None if kind is None else "numeric" if kind in (int, float) else "text"
 
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -37,6 +37,8 @@ from fleet.store import Store
 from models.bundle import Target
 
 log = logging.getLogger(__name__)
+
+TRAIN_STAGES = 3   # train the candidate, score the champion on its held-out rows, decide (and publish)
 
 LEVELS = (0.8, 0.95)
 
@@ -280,13 +282,17 @@ def champion_scores(config: FleetConfig, champion: ModelRecord, ds: Dataset) -> 
 def run_training(store: Store, config: FleetConfig, target: Target, *, use_lstm: bool | None = None,
                  source: str | None = None, shadow: Store | None = None, publish: bool | None = None,
                  force_promote: bool = False, now_s: float | None = None,
-                 since_s: float | None = None) -> TrainOutcome:
-    """Train a challenger, compare it with the champion on the same held-out rows, promote, publish."""
+                 since_s: float | None = None, progress: Callable[[int, int], None] | None = None) -> TrainOutcome:
+    """Train a challenger, compare it with the champion on the same held-out rows, promote, publish;
+    ``progress(done, TRAIN_STAGES)`` after each stage (train, score the champion, decide and publish)."""
+    tell = progress or (lambda done, total: None)
     registry = Registry(store)
     champion = registry.champion(target)
     record, ds = train_candidate(store, config, target, use_lstm=use_lstm, source=source, shadow=shadow,
                                  now_s=now_s, since_s=since_s, registry=registry)
+    tell(1, TRAIN_STAGES)
     champ_metrics = champion_scores(config, champion, ds) if champion is not None else None
+    tell(2, TRAIN_STAGES)
     comparison = compare(record.metrics, champ_metrics, config.promote, champion.version if champion else None)
     if force_promote and not comparison["promote"]:
         comparison = {**comparison, "promote": True, "reason": f"forced ({comparison['reason']})"}
@@ -295,6 +301,7 @@ def run_training(store: Store, config: FleetConfig, target: Target, *, use_lstm:
     if not comparison["promote"]:
         log.info("%s: v%d stays a candidate: %s", target.label, record.version, comparison["reason"])
         outcome.record = registry.require(target, record.version)
+        tell(3, TRAIN_STAGES)
         return outcome
     registry.promote(target, record.version)
     if config.promote.publish if publish is None else publish:
@@ -304,4 +311,5 @@ def run_training(store: Store, config: FleetConfig, target: Target, *, use_lstm:
             outcome.publish_error = f"{type(exc).__name__}: {exc}"
             log.error("%s: v%d promoted but not published: %s", target.label, record.version, outcome.publish_error)
     outcome.record = registry.require(target, record.version)
+    tell(3, TRAIN_STAGES)
     return outcome

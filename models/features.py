@@ -72,6 +72,16 @@ def metric_domain(metric: str) -> tuple[float, float]:
     return -math.inf, math.inf
 
 
+# Sampled and exported, but not what detectors watch: besides the counters and totals above, the
+# process count, a small integer that jumps with every cron job and says nothing a rate does not.
+NON_FEATURE_LEVELS: frozenset[str] = frozenset({"system.processCount"})
+
+
+def is_detector_feature(metric: str) -> bool:
+    """False for a sampled metric a detector must not be fed (a replay skips such a CSV column)."""
+    return not is_counter(metric) and metric.split(":", 1)[0] not in NON_FEATURE_LEVELS
+
+
 def is_rate(metric: str) -> bool:
     return metric.endswith("PerSec")
 

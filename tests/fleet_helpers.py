@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from fleet.cli import GLOBAL_OPTIONS
 from fleet.commands import register
 from fleet.store import Incoming
 
@@ -13,7 +14,7 @@ from fleet.store import Incoming
 def fleet_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edge-fleet")
     handlers = register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = GLOBAL_OPTIONS.parse(GLOBAL_OPTIONS.install(parser), argv)   # --config, -v as edge-fleet has them
     return handlers[args.command](args)
 
 

@@ -68,9 +68,11 @@ def cfg(tmp_path: Path, keys: dict) -> config.AgentConfig:
 
 
 def models_cli(cfg: config.AgentConfig, *argv: str) -> int:
+    from agent.cli import GLOBAL_OPTIONS
+
     parser = argparse.ArgumentParser(prog="edge-agent")
     cli_models.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["models", *argv])
+    args = GLOBAL_OPTIONS.parse(GLOBAL_OPTIONS.install(parser), ["models", *argv])
     assert args.command == "models"
     return cli_models.run(cfg, args)
 
@@ -155,11 +157,15 @@ def test_install_refusals_exit_1_with_the_reason(tmp_path, cfg, keys, forest_dir
 
 
 def test_config_option_works_before_and_after_the_action() -> None:
-    parser = argparse.ArgumentParser(prog="edge-agent")
-    cli_models.add_parser(parser.add_subparsers(dest="command", required=True))
-    assert parser.parse_args(["models", "--config", "a.toml", "list"]).config == "a.toml"
-    assert parser.parse_args(["models", "list", "--config", "b.toml"]).config == "b.toml"
-    assert parser.parse_args(["models", "show", "forest"]).config is None
+    from agent import cli
+
+    def parse(*argv: str) -> argparse.Namespace:
+        return cli.GLOBAL_OPTIONS.parse(cli.build_parser(), list(argv))
+
+    assert parse("--config", "r.toml", "models", "list").config == "r.toml"
+    assert parse("models", "--config", "a.toml", "list").config == "a.toml"
+    assert parse("models", "list", "--config", "b.toml").config == "b.toml"
+    assert parse("models", "show", "forest").config is None
 
 
 class Emitted:

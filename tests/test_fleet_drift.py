@@ -216,8 +216,10 @@ def test_retrain_unit_runs_this_cli() -> None:
     exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
     argv = exec_start.split()
     assert argv[0].endswith("/edge-fleet") and argv[1:] == ["retrain"]
+    from fleet.cli import GLOBAL_OPTIONS
+
     parser = argparse.ArgumentParser()
     handlers = register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv[1:])
+    args = GLOBAL_OPTIONS.parse(GLOBAL_OPTIONS.install(parser), argv[1:])
     assert args.command == "retrain" and not args.loop and args.config is None and "retrain" in handlers
     assert "StateDirectory=edge-fleet" in unit      # where the default store and key live

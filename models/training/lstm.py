@@ -39,7 +39,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -218,8 +218,9 @@ def _quantise(tf, infer_model, params: LSTMParams, ref_out: np.ndarray, probe: n
 def train_lstm(ts_s: np.ndarray, X: np.ndarray, metrics: Sequence[str], out_dir: str | Path, version: int,
                params: LSTMParams = LSTMParams(), step_s: float | None = None,
                targets: Sequence[str] | None = None, replace: bool = False,
-               extra_meta: Mapping | None = None) -> dict:
-    """Samples (ts_s (n,), X (n, len(metrics))) -> model directory; returns model.json's content."""
+               extra_meta: Mapping | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Samples (ts_s (n,), X (n, len(metrics))) -> model directory; returns model.json's content;
+    ``progress(epoch, epochs)`` is told after every training epoch."""
     t0 = time.monotonic()
     metrics = list(metrics)
     targets = list(targets) if targets is not None else list(metrics)
@@ -254,8 +255,12 @@ def train_lstm(ts_s: np.ndarray, X: np.ndarray, metrics: Sequence[str], out_dir:
     model = build_model(keras, params.seq_len, n_in, params.horizon, n_out, params.units, None, params.unroll)
     model.compile(optimizer=keras.optimizers.Adam(params.learning_rate), loss="mae")
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+    callbacks = [stop]
+    if progress is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: progress(epoch + 1, params.epochs)))
     hist = model.fit(W[tr_idx], D[tr_idx], validation_data=(W[s_val], D[s_val]), epochs=params.epochs,
-                     batch_size=params.batch_size, callbacks=[stop], verbose=0, shuffle=True)
+                     batch_size=params.batch_size, callbacks=callbacks, verbose=0, shuffle=True)
     epochs_run = len(hist.history["loss"])
 
     infer = build_model(keras, params.seq_len, n_in, params.horizon, n_out, params.units, 1, params.unroll)
@@ -318,10 +323,11 @@ def train_lstm(ts_s: np.ndarray, X: np.ndarray, metrics: Sequence[str], out_dir:
 
 def train_lstm_from_rows(rows: Iterable[tuple[float, Mapping[str, float]] | Mapping[str, float]],
                          metrics: Sequence[str], out_dir: str | Path, version: int,
-                         params: LSTMParams = LSTMParams(), step_s: float | None = None, replace: bool = False) -> dict:
+                         params: LSTMParams = LSTMParams(), step_s: float | None = None, replace: bool = False,
+                         progress: Callable[[int, int], None] | None = None) -> dict:
     """(ts_s, values) tuples (store.samples()) or dicts with ``ts_s`` -> model directory."""
     ts, X = rows_to_columns(rows, metrics)
-    return train_lstm(ts, X, metrics, out_dir, version, params, step_s=step_s, replace=replace)
+    return train_lstm(ts, X, metrics, out_dir, version, params, step_s=step_s, replace=replace, progress=progress)
 
 
 def train_lstm_from_csv(path: str | Path, metrics: Sequence[str], out_dir: str | Path, version: int,
