@@ -60,8 +60,14 @@ class MqttSection:
     tls_ca: str = _opt("", "CA certificate file; set to use TLS.")
     tls_cert: str = _opt("", "Client certificate for mutual TLS.")
     tls_key: str = _opt("", "Client private key for mutual TLS.")
-    client_id: str = _opt("edge-fleet-collector", "Collector client id (a persistent session keeps messages "
-                                                  "sent while it is down).")
+    client_id: str = _opt("edge-fleet-collector-{hostname}", "Collector client id, unique per collector and "
+                          "stable across its restarts (its persistent session keeps what arrives while it is "
+                          "down); {hostname} is replaced by the host name.")
+    shared_group: str = _opt("", "Subscribe as a member of $share/<group>/... so several collectors (each with "
+                                 "its own client_id) split the messages; empty: plain subscriptions.")
+    receive_maximum: int = _opt(200, "MQTT 5: unacknowledged messages the broker may send at once (the "
+                                     "collector acknowledges after the commit).", min=1, max=65535)
+    watch_broker_drops: bool = _opt(True, "Subscribe to the broker's $SYS drop counter and report drops.")
     topic_prefix: str = _opt("devices/{device_id}", "Device topic prefix template (as on the devices).")
     keepalive_s: int = _opt(60, "Keep-alive interval.", min=5, max=3600)
     protocol: str = _opt("3.1.1", "MQTT protocol version.", choices=("3.1.1", "5"))
