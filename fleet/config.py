@@ -130,6 +130,12 @@ class DriftSection:
     recent_s: float = _opt(86400.0, "Window of recent data compared with the training data.", min=60.0)
     min_samples: int = _opt(100, "Fewer recent or reference rows: no verdict.", min=10)
     min_drifted_features: int = _opt(1, "Drifted features needed to call a device drifting.", min=1)
+    calibration: str = _opt("self", "self: each device and feature gets a threshold from its own variation "
+                                    "(windows of its training data as long as the recent one, each against "
+                                    "the rest); fixed: psi_threshold / ks_threshold for all.",
+                            choices=("self", "fixed"))
+    calibration_margin: float = _opt(2.0, "self: threshold = this x the largest window-vs-rest statistic "
+                                          "(never below the fixed threshold).", min=1.0)
     coverage_drop: float = _opt(0.15, "Realised 80 % coverage below 0.8 - this is degraded accuracy.",
                                 min=0.0, max=0.8)
     error_factor: float = _opt(1.5, "Recent forecast MAE above this x the training validation MAE is degraded.",
