@@ -41,6 +41,7 @@ def main() -> int:
         settings[f"self x{float(m):g}"] = replace(DriftSection(), method=args.method, calibration="self",
                                                   calibration_margin=float(m))
     totals = {name: Rates() for name in settings}
+    healthy = {name: [0, 0] for name in settings}     # [flagged, devices] without a failure in the last 2 days
     for seed in range(args.seeds):
         fleet = simulate_fleet(SimParams(devices=args.devices, days=args.days, seed=100 + seed,
                                          drift_devices=args.drift))
@@ -49,12 +50,16 @@ def main() -> int:
             r = fleet_rates(fleet, settings[cal])
             total.add(r)
             near_failure = sum(1 for d in r.flagged_stable if d in failing)
+            stable_ids = [d.device_id for d in fleet.devices if not d.drifted_to]
+            healthy[cal][0] += r.false_positives - near_failure
+            healthy[cal][1] += sum(1 for d in stable_ids if d not in failing)
             print(f"seed {100 + seed} {cal:8s}: TPR {r.true_positives}/{r.drifting} = {r.tpr:.2f}, "
                   f"FPR {r.false_positives}/{r.stable} = {r.fpr:.3f} "
                   f"({near_failure} of those failed within the last 2 days)")
     for cal, r in totals.items():
         print(f"TOTAL {args.method} {cal:8s}: TPR {r.true_positives}/{r.drifting} = {r.tpr:.3f}, "
-              f"FPR {r.false_positives}/{r.stable} = {r.fpr:.3f}")
+              f"FPR {r.false_positives}/{r.stable} = {r.fpr:.3f}; without a failure in the last 2 days "
+              f"{healthy[cal][0]}/{healthy[cal][1]} = {healthy[cal][0] / max(healthy[cal][1], 1):.3f}")
     print(f"{time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -55,6 +55,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from agent.topics import DEFAULT_TEMPLATES, PRESETS
@@ -536,6 +537,17 @@ class Collector:
         finally:
             self.stop()
         return self.stats
+
+
+SAMPLE_BROKER_CONF = Path(__file__).with_name("mosquitto.example.conf")
+_MACHINE_KEYS = ("listener", "persistence_location", "log_dest", "user")
+
+
+def broker_settings(path: Path = SAMPLE_BROKER_CONF) -> list[str]:
+    """The behaviour lines of a Mosquitto config (queues, in-flight window, persistence, $SYS),
+    without what describes one machine (listeners, paths): for brokers that tests and benches start."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#") and line.split()[0] not in _MACHINE_KEYS]
 
 
 def bad_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:

@@ -20,23 +20,17 @@ from typing import Any
 
 import pytest
 
-from fleet.collect import Collector, bad_messages, resolve_client_id, routes, subscription_filters
+from fleet.collect import (Collector, bad_messages, broker_settings, resolve_client_id, routes,
+                           subscription_filters)
 from fleet.config import FleetConfigError, config_from_dict
 from fleet.simulate import SimParams, delivery_report, publish_mqtt, simulate_fleet
 from fleet.store import open_store
 from tests.conftest import wait_until
+from tests.fleet_helpers import Running
 
 pytestmark = pytest.mark.timeout(240)
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_CONF = REPO / "fleet" / "mosquitto.example.conf"
-BATCH = 24          # samples per telemetry message: 2 telemetry messages per simulated device-day pair
-# lines of the sample that describe the machine, not the behaviour: the fixture sets its own
-_MACHINE_KEYS = {"listener", "persistence_location"}
-
-
-def sample_broker_settings() -> list[str]:
-    lines = [line.strip() for line in SAMPLE_CONF.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#") and line.split()[0] not in _MACHINE_KEYS]
+BATCH = 24          # samples per telemetry message: two telemetry messages per simulated device
 
 
 def small_fleet(devices: int, seed: int = 0) -> Any:
@@ -49,24 +43,6 @@ def collector_config(tmp_path: Path, broker: Any, client_id: str, **mqtt: Any) -
                              "mqtt": {"host": broker.host, "port": broker.port, "client_id": client_id,
                                       "keepalive_s": 5, **mqtt},
                              "collect": {"flush_interval_s": 0.05}}, {})
-
-
-class Running:
-    """A collector thread on its own store connection."""
-
-    def __init__(self, config: Any) -> None:
-        self.stop = threading.Event()
-        self.store = open_store(config.store_url, config.store.busy_timeout_s)
-        self.collector = Collector(self.store, config)
-        self.thread = threading.Thread(target=self.collector.run, args=(self.stop,), daemon=True)
-        self.thread.start()
-        assert self.collector.connected.wait(10), "collector did not connect"
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(20)
-        assert not self.thread.is_alive()
-        self.store.close()
 
 
 def subscribed(broker: Any, client_id: str, topic_filter: str) -> bool:
@@ -91,7 +67,7 @@ def test_shared_filters_client_ids_and_prefix_errors() -> None:
 
 # -- zero loss -----------------------------------------------------------------------------------
 def test_a_thousand_devices_every_published_message_is_stored(tmp_path: Path, mosquitto_factory: Any) -> None:
-    broker = mosquitto_factory(extra_config=sample_broker_settings())
+    broker = mosquitto_factory(extra_config=broker_settings())
     config = collector_config(tmp_path, broker, "collector-1k")
     running = Running(config)
     reader = open_store(config.store_url)
@@ -195,7 +171,7 @@ class CollectorProcess:
 def test_three_shared_collectors_one_killed_mid_run_nothing_lost(tmp_path: Path, mosquitto_factory: Any) -> None:
     """Mosquitto 2.0 keeps handing a killed member its share (into its persistent session), so the
     killed collector comes back with its own client id and drains what its session held."""
-    broker = mosquitto_factory(extra_config=sample_broker_settings() + ["log_type subscribe"])
+    broker = mosquitto_factory(extra_config=broker_settings() + ["log_type subscribe"])
     conf = tmp_path / "fleet.toml"
     conf.write_text(f'[fleet]\nstate_dir = "{tmp_path / "fleet"}"\n[mqtt]\nhost = "{broker.host}"\n'
                     f'port = {broker.port}\nshared_group = "fleet"\n[collect]\nflush_interval_s = 0.05\n')
