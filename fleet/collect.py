@@ -12,34 +12,54 @@ throttles the broker to what the store absorbs (it keeps at most its in-flight
 window, 20 by default in Mosquitto, unacknowledged), which is why a batch is
 written as soon as the queue goes quiet rather than on a fixed period.
 
-The MQTT session is persistent (clean session off, a fixed client id), so
-messages published while the collector is down wait in the broker's queue for
-it. Delivery is at least once: duplicates (a redelivered QoS 1 message, the
-retained twin redelivered on each reconnect) are dropped by message id in the
-store.
+The MQTT session is persistent (clean session off, a client id that is stable
+across restarts), so messages published while the collector is down wait in the
+broker's queue for it. Delivery is at least once: duplicates (a redelivered QoS 1
+message, the retained twin redelivered on each reconnect, a message a killed
+member of a shared group had in flight) are dropped by message id in the store.
+
+Scale-out: with ``mqtt.shared_group`` every collector subscribes to
+``$share/<group>/<filter>`` and the broker hands each message to one member.
+Routing always uses the message's own topic (the broker delivers the real topic,
+not the filter). Each member needs its own client id: two clients with one id
+take the session from each other (MQTT 5 says so with reason 142, logged as an
+error). Mosquitto 2.0 keeps the messages in flight to a member that vanished in
+that member's persistent session, so a collector that is killed must come back
+with the same client id to hand them over (README "Broker settings").
+
+Broker-side loss: a broker drops QoS 1 messages for a session whose queue is
+full (Mosquitto ``max_queued_messages``). Those never reach any client, so the
+collector watches the broker's ``$SYS/broker/publish/messages/dropped`` counter
+and reports every increase (``broker_dropped`` in its stats, ``broker.dropped``
+in the store's counters, a warning in the log).
 
 A bad message (not JSON, no message id, a device id that differs from the
-topic's, a malformed body, too large) is counted under ``bad.<reason>`` in the
-store's counters and logged at most once a minute per reason; it never stops
-the collector. A store error that is not about the connection is pinned down to
-the message that causes it (the batch is retried one message at a time) and that
-message is counted as ``bad.store``; a lost connection is retried with backoff.
+topic's, a malformed body, too large, a topic it cannot route) is kept in the
+store's ``bad_messages`` table (topic, reason, payload) in the same transaction
+as the good ones, counted under ``bad.<reason>`` and logged at most once a
+minute per reason, and only then acknowledged: never acked and dropped. A store
+error that is not about the connection is pinned down to the message that causes
+it (the batch is retried one message at a time) and that message is kept as bad
+with reason ``store``; a lost connection is retried with backoff.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
 import queue
 import re
+import socket
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from agent.topics import DEFAULT_TEMPLATES, PRESETS
-from fleet.config import FleetConfig
+from fleet.config import FleetConfig, FleetConfigError
 from fleet.store import SEVERITIES, Incoming, Store, StoreError, iso_to_s, open_store
 
 log = logging.getLogger(__name__)
@@ -50,6 +70,18 @@ TOPIC_KINDS = {"telemetry": "telemetry", "anomaly": "anomaly", "forecast": "fore
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_ROWS = 100_000
 QUIET_S = 0.02          # a batch is written once no message came for this long
+SYS_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+SESSION_TAKEN_OVER = 142   # MQTT 5 disconnect reason: another client connected with this client id
+QUICK_DISCONNECT_S = 5.0
+_GROUP_RE = re.compile(r"^[^/+#$\s][^/+#\s]*$")
+BAD_MIGRATIONS = [
+    """
+    CREATE TABLE bad_messages (
+        id {pk}, received_s {real} NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
+        size_bytes {int} NOT NULL, payload_b64 TEXT NOT NULL);
+    CREATE INDEX bad_messages_received ON bad_messages (received_s)
+    """,
+]
 
 
 class BadMessage(ValueError):
@@ -71,6 +103,9 @@ def routes(topic_prefix: str = "devices/{device_id}") -> list[TopicRoute]:
 
     Built from the agent's own templates, for the configured prefix and for the
     origin preset's twin topic, so the two sides cannot disagree on names."""
+    if topic_prefix.startswith("$share/"):
+        raise FleetConfigError("mqtt.topic_prefix: a $share/<group>/ filter is not a topic prefix; "
+                               "set mqtt.shared_group instead")
     out: list[TopicRoute] = []
     templates = [(k, DEFAULT_TEMPLATES[k]) for k in TOPIC_KINDS.values()]
     templates += [(k, t) for k, t in PRESETS["origin"].items() if k in TOPIC_KINDS.values()]
@@ -86,6 +121,32 @@ def routes(topic_prefix: str = "devices/{device_id}") -> list[TopicRoute]:
         regex = "^" + re.escape(full).replace(re.escape("{device_id}"), "(?P<device>[^/]+)") + "$"
         out.append(TopicRoute(kind, re.compile(regex), sub))
     return out
+
+
+def subscription_filters(table: Sequence[TopicRoute], shared_group: str = "") -> list[str]:
+    """The filters to subscribe: plain, or each as a member of ``$share/<group>/``."""
+    if shared_group and not _GROUP_RE.match(shared_group):
+        raise FleetConfigError(f"mqtt.shared_group: {shared_group!r} must be one topic level without +, # or /")
+    return [f"$share/{shared_group}/{r.subscription}" if shared_group else r.subscription for r in table]
+
+
+def resolve_client_id(template: str, hostname: str | None = None) -> str:
+    """``{hostname}`` in the configured client id -> this host's name (stable across restarts)."""
+    host = hostname if hostname is not None else socket.gethostname()
+    client_id = template.replace("{hostname}", re.sub(r"[^A-Za-z0-9._-]", "-", host) or "host")
+    if not client_id or len(client_id.encode()) > 65535:
+        raise FleetConfigError("mqtt.client_id: must not be empty")
+    return client_id
+
+
+def broker_drop_delta(value: int, last: int | None) -> int:
+    """How many new drops a reading of the broker's cumulative counter shows after the last one.
+
+    No earlier reading: all of them (drops before the first collector ran are drops too). A
+    counter that went down means the broker restarted and counts from zero again."""
+    if last is None or value < last:
+        return value
+    return value - last
 
 
 def route_of(topic: str, table: Sequence[TopicRoute]) -> tuple[str, str] | None:
@@ -194,11 +255,23 @@ class CollectorStats:
     samples: int = 0
     bad: dict[str, int] = field(default_factory=dict)
     store_errors: int = 0
+    broker_dropped: int = 0          # drops the broker's $SYS counter showed while this collector ran
 
     def as_dict(self) -> dict[str, Any]:
         return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
                 "samples": self.samples, "bad": dict(self.bad), "bad_total": sum(self.bad.values()),
-                "store_errors": self.store_errors}
+                "store_errors": self.store_errors, "broker_dropped": self.broker_dropped}
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A message kept as bad: enough to inspect or replay it."""
+    received_s: float
+    topic: str
+    reason: str
+    detail: str
+    size_bytes: int
+    payload: bytes          # at most collect.max_message_bytes of it
 
 
 class Collector:
@@ -208,6 +281,8 @@ class Collector:
         self.config = config
         self.params = config.collect
         self.routes = routes(config.mqtt.topic_prefix)
+        self.filters = subscription_filters(self.routes, config.mqtt.shared_group)
+        self.client_id = resolve_client_id(config.mqtt.client_id)
         self.stats = CollectorStats()
         self.connected = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=self.params.max_queue)
@@ -216,7 +291,12 @@ class Collector:
         self._last_bad_log: dict[str, float] = {}
         self._pending: list[Incoming] = []
         self._unsaved_bad: dict[str, int] = {}
+        self._bad_rows: list[BadRecord] = []
         self._unacked: list[tuple[int, int]] = []       # (mid, qos) of every message taken, until committed
+        self._drop_reading: int | None = None           # latest unsaved reading of the broker's drop counter
+        self._connected_at = -math.inf
+        self._quick_disconnects = 0
+        store.migrate("collect_bad", BAD_MIGRATIONS)
 
     # -- MQTT (paho thread: queue only) ---------------------------------------------------
     def start(self) -> None:
@@ -224,7 +304,7 @@ class Collector:
 
         m = self.config.mqtt
         v5 = m.protocol == "5"
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=m.client_id,
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=None if v5 else False,
                              protocol=paho.MQTTv5 if v5 else paho.MQTTv311, manual_ack=True)
         if m.username:
@@ -241,22 +321,38 @@ class Collector:
             from paho.mqtt.properties import Properties
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 7 * 86400
+            props.ReceiveMaximum = m.receive_maximum
             kwargs = {"clean_start": False, "properties": props}
         client.connect_async(m.host, m.port, m.keepalive_s, **kwargs)
         client.loop_start()
         self._client = client
-        log.info("collector connecting to %s:%d as %s; topics %s", m.host, m.port, m.client_id,
-                 ", ".join(r.subscription for r in self.routes))
+        log.info("collector connecting to %s:%d as %s; topics %s", m.host, m.port, self.client_id,
+                 ", ".join(self.filters))
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             log.warning("broker refused the collector: %s", reason)
             return
-        client.subscribe([(r.subscription, 1) for r in self.routes])
+        subs = [(f, 1) for f in self.filters]
+        if self.config.mqtt.watch_broker_drops:
+            subs.append((SYS_DROPPED_TOPIC, 0))
+        client.subscribe(subs)
+        self._connected_at = time.monotonic()
         self.connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        """Two collectors with one client id take the session from each other in turn: MQTT 5
+        brokers may say so (reason 142); Mosquitto 2.0 just closes the socket, so a run of
+        disconnects within seconds of connecting is reported as the likely cause."""
         self.connected.clear()
+        quick = time.monotonic() - self._connected_at < QUICK_DISCONNECT_S
+        self._quick_disconnects = self._quick_disconnects + 1 if quick else 0
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER or self._quick_disconnects == 3:
+            log.error("collector %r keeps losing its session (%s): another client probably connects with the "
+                      "same client id; give every collector its own mqtt.client_id", self.client_id, reason)
+        elif quick:
+            log.warning("collector %r lost its connection %.1f s after connecting (%s)", self.client_id,
+                        time.monotonic() - self._connected_at, reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self._queue.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos))  # blocks when full: backpressure
@@ -282,15 +378,26 @@ class Collector:
         try:
             return parse_message(topic, payload, self.routes, self.params.max_message_bytes)
         except BadMessage as exc:
-            self._bad(exc.reason, f"{topic}: {exc.detail}")
+            self._bad(exc.reason, f"{topic}: {exc.detail}", topic, payload)
         except Exception as exc:  # noqa: BLE001 - a parser bug must not stop collection
             log.exception("unexpected error parsing a message on %s", topic)
-            self._bad("internal", f"{topic}: {type(exc).__name__}")
+            self._bad("internal", f"{topic}: {type(exc).__name__}", topic, payload)
         return None
 
-    def _bad(self, reason: str, detail: str) -> None:
+    def _broker_reading(self, payload: bytes) -> None:
+        """A reading of the broker's cumulative drop counter (retained $SYS, every sys_interval);
+        compared with the store's last reading when written, so collectors sharing a store and a
+        broker count each drop once."""
+        try:
+            self._drop_reading = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            log.debug("unreadable %s payload %r", SYS_DROPPED_TOPIC, payload[:40])
+
+    def _bad(self, reason: str, detail: str, topic: str = "", payload: bytes = b"") -> None:
         self.stats.bad[reason] = self.stats.bad.get(reason, 0) + 1
         self._unsaved_bad[reason] = self._unsaved_bad.get(reason, 0) + 1
+        self._bad_rows.append(BadRecord(time.time(), topic, reason, detail[:1000], len(payload),
+                                        payload[:self.params.max_message_bytes]))
         now = time.monotonic()
         if now - self._last_bad_log.get(reason, -math.inf) >= 60.0:
             self._last_bad_log[reason] = now
@@ -312,6 +419,9 @@ class Collector:
                 break
             taken += 1
             self._unacked.append((mid, qos))
+            if topic == SYS_DROPPED_TOPIC:
+                self._broker_reading(payload)
+                continue
             item = self.handle(topic, payload)
             if item is not None:
                 self._pending.append(item)
@@ -319,7 +429,7 @@ class Collector:
 
     def flush(self) -> bool:
         """Write the pending batch (and the bad-message counts); False when the store is unavailable."""
-        if not self._pending and not self._unsaved_bad:
+        if not self._pending and not self._unsaved_bad and self._drop_reading is None:
             self._ack()
             return True
         batch = self._pending
@@ -342,7 +452,8 @@ class Collector:
                         self._recover()
                         self._pending = batch[batch.index(item):]
                         return False
-                    self._bad("store", f"{item.kind} {item.message_id} from {item.device_id}: {one_exc}")
+                    self._bad("store", f"{item.kind} {item.message_id} from {item.device_id}: {one_exc}",
+                              item.topic, json.dumps(item.doc, default=str).encode())
             if self._unsaved_bad:
                 try:
                     self._write([])
@@ -368,12 +479,29 @@ class Collector:
             deltas = {"stored": result.stored if result else 0,
                       "duplicates": result.duplicates if result else 0,
                       **{f"bad.{k}": v for k, v in self._unsaved_bad.items()}}
+            dropped = 0
+            if self._drop_reading is not None:
+                last = self.store.counters().get("broker.dropped_reading")
+                dropped = broker_drop_delta(self._drop_reading, last)
+                deltas.update({"broker.dropped": dropped, "broker.dropped_reading": self._drop_reading - (last or 0)})
             self.store.bump(deltas)
+            if self._bad_rows:
+                self.store.executemany(
+                    "INSERT INTO bad_messages (received_s, topic, reason, detail, size_bytes, payload_b64) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(b.received_s, b.topic, b.reason, b.detail, b.size_bytes,
+                      base64.b64encode(b.payload).decode("ascii")) for b in self._bad_rows])
         if result is not None:
             self.stats.stored += result.stored
             self.stats.duplicates += result.duplicates
             self.stats.samples += result.samples
+        if dropped:
+            self.stats.broker_dropped += dropped
+            log.warning("the broker dropped %d messages (its %s reads %d): raise max_queued_messages or add "
+                        "collectors (README: Broker settings)", dropped, SYS_DROPPED_TOPIC, self._drop_reading)
         self._unsaved_bad = {}
+        self._bad_rows = []
+        self._drop_reading = None
 
     def _recover(self) -> None:
         """A PostgreSQL connection that broke is reopened (SQLite just retries: a lock passes)."""
@@ -409,6 +537,26 @@ class Collector:
         finally:
             self.stop()
         return self.stats
+
+
+SAMPLE_BROKER_CONF = Path(__file__).with_name("mosquitto.example.conf")
+_MACHINE_KEYS = ("listener", "persistence_location", "log_dest", "user")
+
+
+def broker_settings(path: Path = SAMPLE_BROKER_CONF) -> list[str]:
+    """The behaviour lines of a Mosquitto config (queues, in-flight window, persistence, $SYS),
+    without what describes one machine (listeners, paths): for brokers that tests and benches start."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#") and line.split()[0] not in _MACHINE_KEYS]
+
+
+def bad_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:
+    """The most recent messages kept as bad, newest first, payloads decoded back to bytes."""
+    store.migrate("collect_bad", BAD_MIGRATIONS)
+    rows = store.query("SELECT received_s, topic, reason, detail, size_bytes, payload_b64 FROM bad_messages "
+                       "ORDER BY id DESC LIMIT ?", (int(limit),))
+    return [{"received_s": r[0], "topic": r[1], "reason": r[2], "detail": r[3], "size_bytes": int(r[4]),
+             "payload": base64.b64decode(r[5])} for r in rows]
 
 
 def collect(config: FleetConfig, stop: threading.Event | None = None,

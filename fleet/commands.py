@@ -200,7 +200,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (args.source or config.train.source) == "shadow" and config.source.shadow_url:
             from fleet.store import open_store
             shadow = open_store(config.source.shadow_url, config.store.busy_timeout_s)
-        with _progress(args, f"train {target.label}", "stages") as bar:
+        from fleet.quiet_stdout import stdout_to_stderr
+
+        with stdout_to_stderr(), _progress(args, f"train {target.label}", "stages") as bar:
             outcome = run_training(store, config, target, use_lstm=False if args.no_lstm else None,
                                    source=args.source, shadow=shadow, publish=False if args.no_publish else None,
                                    force_promote=args.force, since_s=_time_arg(args.since), progress=bar)

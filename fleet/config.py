@@ -60,8 +60,14 @@ class MqttSection:
     tls_ca: str = _opt("", "CA certificate file; set to use TLS.")
     tls_cert: str = _opt("", "Client certificate for mutual TLS.")
     tls_key: str = _opt("", "Client private key for mutual TLS.")
-    client_id: str = _opt("edge-fleet-collector", "Collector client id (a persistent session keeps messages "
-                                                  "sent while it is down).")
+    client_id: str = _opt("edge-fleet-collector-{hostname}", "Collector client id, unique per collector and "
+                          "stable across its restarts (its persistent session keeps what arrives while it is "
+                          "down); {hostname} is replaced by the host name.")
+    shared_group: str = _opt("", "Subscribe as a member of $share/<group>/... so several collectors (each with "
+                                 "its own client_id) split the messages; empty: plain subscriptions.")
+    receive_maximum: int = _opt(200, "MQTT 5: unacknowledged messages the broker may send at once (the "
+                                     "collector acknowledges after the commit).", min=1, max=65535)
+    watch_broker_drops: bool = _opt(True, "Subscribe to the broker's $SYS drop counter and report drops.")
     topic_prefix: str = _opt("devices/{device_id}", "Device topic prefix template (as on the devices).")
     keepalive_s: int = _opt(60, "Keep-alive interval.", min=5, max=3600)
     protocol: str = _opt("3.1.1", "MQTT protocol version.", choices=("3.1.1", "5"))
@@ -124,6 +130,12 @@ class DriftSection:
     recent_s: float = _opt(86400.0, "Window of recent data compared with the training data.", min=60.0)
     min_samples: int = _opt(100, "Fewer recent or reference rows: no verdict.", min=10)
     min_drifted_features: int = _opt(1, "Drifted features needed to call a device drifting.", min=1)
+    calibration: str = _opt("self", "self: each device and feature gets a threshold from its own variation "
+                                    "(windows of its training data as long as the recent one, each against "
+                                    "the rest); fixed: psi_threshold / ks_threshold for all.",
+                            choices=("self", "fixed"))
+    calibration_margin: float = _opt(2.0, "self: threshold = this x the largest window-vs-rest statistic "
+                                          "(never below the fixed threshold).", min=1.0)
     coverage_drop: float = _opt(0.15, "Realised 80 % coverage below 0.8 - this is degraded accuracy.",
                                 min=0.0, max=0.8)
     error_factor: float = _opt(1.5, "Recent forecast MAE above this x the training validation MAE is degraded.",

@@ -73,6 +73,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"edge-fleet simulate: cannot publish to {args.host}:{args.port}: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        if args.report_store:
+            from fleet.simulate import delivery_report
+            from fleet.store import StoreError, open_store
+
+            try:
+                with open_store(args.report_store) as store:
+                    out["delivery"] = delivery_report(fleet, store, wait_s=args.wait_s)
+            except StoreError as exc:
+                print(f"edge-fleet simulate: {exc}", file=sys.stderr)
+                return EXIT_USAGE
     if args.json:
         print(json.dumps(out, indent=1))
     else:
@@ -83,7 +93,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         for k in ("out", "store", "published"):
             if k in out:
                 print(f"{k}: {out[k]}")
-    return EXIT_OK
+        if "delivery" in out:
+            d = out["delivery"]
+            print(f"delivery: published {d['published']}, stored {d['stored']}, lost {d['lost']}"
+                  + (f" (first missing: {', '.join(d['missing'][:5])})" if d["lost"] else ""))
+    return EXIT_FAILED if out.get("delivery", {}).get("lost") else EXIT_OK
 
 
 def cmd_maintenance(args: argparse.Namespace) -> int:
@@ -113,6 +127,10 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--host", default="localhost", help="with --mqtt: broker host")
     p.add_argument("--port", type=int, default=1883, help="with --mqtt: broker port")
     p.add_argument("--topic-prefix", default="devices/{device_id}", help="with --mqtt: the devices' topic prefix")
+    p.add_argument("--report-store", metavar="URL",
+                   help="with --mqtt: the store the collectors write; report published vs stored (exit 1 if lost)")
+    p.add_argument("--wait-s", type=float, default=60.0, metavar="S",
+                   help="with --report-store: wait this long for the collectors to catch up (default 60)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = subparsers.add_parser("maintenance", help="predictive maintenance: train | evaluate")

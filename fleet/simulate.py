@@ -22,8 +22,12 @@ API (read by fleet/clusters.py and the benches; stable):
                                     truth.json (failures + roles + drift; never mixed into histories)
     write_store(fleet, store)       telemetry + anomaly messages as the collector stores them,
                                     status events into ``device_status`` (see fleet/labels.py)
-    publish_mqtt(fleet, host, port) the same messages over MQTT, as devices would send them
-    CLI: edge-fleet simulate --devices N --days D --seed S [--out DIR | --store URL | --mqtt ...]
+    publish_mqtt(fleet, host, port) the same messages over MQTT, as devices would send them; returns
+                                    the number the broker acknowledged (all, or PublishIncomplete)
+    delivery_report(fleet, store, wait_s=0) {"published", "stored", "lost", "loss_fraction", "missing"}:
+                                    which of the published telemetry/anomaly messages reached a store
+    CLI: edge-fleet simulate --devices N --days D --seed S [--out DIR | --store URL | --mqtt ...
+         [--report-store URL --wait-s S]]
 
 Why it looks the way it does: roles differ in their normal levels (a camera
 writes and sends a lot, a sensor hub idles), so clustering has structure to
@@ -55,7 +59,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -539,18 +543,26 @@ def write_store(fleet: SimulatedFleet, store: Any) -> dict[str, int]:
     return counts
 
 
+class PublishIncomplete(OSError):
+    """The broker did not acknowledge every message in time."""
+
+
 def publish_mqtt(fleet: SimulatedFleet, host: str, port: int, *, topic_prefix: str = "devices/{device_id}",
-                 timeout_s: float = 30.0) -> int:
-    """Publish every device's telemetry and anomaly messages (QoS 1) and status events; returns the count."""
+                 timeout_s: float = 30.0, batch: int = 288) -> int:
+    """Publish every device's telemetry and anomaly messages (QoS 1) and status events; returns how many
+    the broker acknowledged (PUBACK), which is all of them or PublishIncomplete."""
+    import uuid
+
     import paho.mqtt.client as paho
 
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"edge-fleet-sim-{fleet.params.seed}")
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                         client_id=f"edge-fleet-sim-{fleet.params.seed}-{uuid.uuid4().hex[:8]}")
+    client.max_inflight_messages_set(200)
     client.connect(host, port, 30)
     client.loop_start()
-    sent = 0
     try:
         infos = []
-        for msg in _messages(fleet):
+        for msg in _messages(fleet, batch):
             base = topic_prefix.replace("{device_id}", msg["deviceId"])
             sub = "telemetry" if msg["kind"] == "telemetry" else "anomalies"
             infos.append(client.publish(f"{base}/{sub}", json.dumps(msg), qos=1))
@@ -561,11 +573,48 @@ def publish_mqtt(fleet: SimulatedFleet, host: str, port: int, *, topic_prefix: s
                     infos.append(client.publish(f"{base}/status", e["kind"], qos=1))
         for info in infos:
             info.wait_for_publish(timeout_s)
-            sent += 1
+        acked = sum(1 for info in infos if info.is_published())
+        if acked < len(infos):
+            raise PublishIncomplete(f"the broker acknowledged {acked} of {len(infos)} messages")
+        return acked
     finally:
         client.loop_stop()
         client.disconnect()
-    return sent
+
+
+def message_ids(fleet: SimulatedFleet, batch: int = 288) -> list[str]:
+    """The ids of the messages the collector stores (telemetry and anomalies; status is not stored)."""
+    return [m["messageId"] for m in _messages(fleet, batch)]
+
+
+def stored_ids(store: Any, ids: Sequence[str], chunk: int = 500) -> set[str]:
+    """Which of ``ids`` the fleet store's messages table holds."""
+    found: set[str] = set()
+    for i in range(0, len(ids), chunk):
+        part = list(ids[i:i + chunk])
+        marks = ", ".join("?" * len(part))
+        found.update(r[0] for r in store.query(f"SELECT message_id FROM messages WHERE message_id IN ({marks})",
+                                               part))
+    return found
+
+
+def delivery_report(fleet: SimulatedFleet, store: Any, *, wait_s: float = 0.0, batch: int = 288,
+                    poll_s: float = 0.5) -> dict[str, Any]:
+    """Published vs stored, waiting up to ``wait_s`` for the collectors to catch up.
+
+    ``missing`` lists (up to 20 of) the message ids that never reached the store."""
+    import time
+
+    ids = message_ids(fleet, batch)
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = stored_ids(store, ids)
+        if len(found) == len(ids) or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    missing = [i for i in ids if i not in found]
+    return {"published": len(ids), "stored": len(found), "lost": len(missing),
+            "loss_fraction": len(missing) / len(ids) if ids else 0.0, "missing": missing[:20]}
 
 
 def params_from_args(devices: int, days: float, seed: int, **kw: Any) -> SimParams:

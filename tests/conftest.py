@@ -4,7 +4,8 @@
                        .pause() .resume() (SIGSTOP/SIGCONT) .log_text()
     mqtt_broker_tls    TLS broker: .port (server auth) .mtls_port (client cert required),
                        .ca_cert .client_cert .client_key .other_ca_cert (an unrelated CA)
-    mosquitto_factory  factory(tls=False, users=None) -> Mosquitto, for custom brokers
+    mosquitto_factory  factory(tls=False, users=None, extra_config=()) -> Mosquitto, for custom brokers
+                       (extra_config lines replace the defaults with the same key)
     mqtt_sink          factory(broker, topics=("#",), **tls) -> MqttSink collecting messages
 
 Brokers keep sessions and retained messages across stop()/start() (same port),
@@ -145,7 +146,7 @@ class Mosquitto:
     host = "127.0.0.1"
 
     def __init__(self, workdir: Path, *, pki: Pki | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, extra_config: Iterable[str] = ()) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
@@ -164,6 +165,9 @@ class Mosquitto:
             "log_type error", "log_type warning", "log_type notice", "log_type information",
             "connection_messages true",
         ]
+        extra = [line.strip() for line in extra_config if line.strip()]
+        overridden = {line.split()[0] for line in extra}
+        lines = [line for line in lines if line.split()[0] not in overridden] + extra
         if users:
             passwd = workdir / "passwd"
             passwd.touch()
@@ -265,11 +269,13 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
         pytest.skip("mosquitto is not installed")
     brokers: list[Mosquitto] = []
 
-    def make(*, tls: bool = False, users: dict[str, str] | None = None) -> Mosquitto:
+    def make(*, tls: bool = False, users: dict[str, str] | None = None,
+             extra_config: Iterable[str] = ()) -> Mosquitto:
         workdir = tmp_path / f"mosquitto-{len(brokers)}"
         if users and not Path(MOSQUITTO_PASSWD).exists():
             pytest.skip("mosquitto_passwd is not installed")
-        broker = Mosquitto(workdir, pki=make_pki(workdir / "pki") if tls else None, users=users)
+        broker = Mosquitto(workdir, pki=make_pki(workdir / "pki") if tls else None, users=users,
+                           extra_config=extra_config)
         brokers.append(broker)
         broker.start()
         return broker

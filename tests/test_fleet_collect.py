@@ -26,7 +26,7 @@ from fleet.collect import BadMessage, Collector, parse_message, routes
 from fleet.config import config_from_dict
 from fleet.store import open_store
 from tests.conftest import wait_until
-from tests.fleet_helpers import fleet_main
+from tests.fleet_helpers import Running, fleet_main
 
 pytestmark = pytest.mark.timeout(90)
 TS = 1_700_000_000.0
@@ -47,24 +47,6 @@ def drive(devices: list[MqttReporter], predicate: Callable[[], Any], timeout_s: 
             d.tick(time.monotonic())
         return predicate()
     return wait_until(step, timeout_s, 0.01)
-
-
-class Running:
-    """A collector thread on its own store connection."""
-
-    def __init__(self, config: Any) -> None:
-        self.stop = threading.Event()
-        self.store = open_store(config.store_url, config.store.busy_timeout_s)
-        self.collector = Collector(self.store, config)
-        self.thread = threading.Thread(target=self.collector.run, args=(self.stop,), daemon=True)
-        self.thread.start()
-        assert self.collector.connected.wait(10), "collector did not connect"
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        self.store.close()
 
 
 @pytest.fixture
