@@ -24,7 +24,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["agent", "agent.*", "models", "models.*", "fleet", "fleet.*"]),
+    packages=find_packages(include=["agent", "agent.*", "common", "common.*", "models", "models.*", "fleet", "fleet.*"]),
     package_data={"agent": ["*.toml", "static/*", "static/vendor/*"], "fleet": ["*.toml", "static/*"]},
     install_requires=[
         "numpy>=1.24",
