@@ -111,8 +111,30 @@ def train_forest(cfg: AgentConfig, params: Any = None, window: TrainingWindow = 
     return {"kind": "forest", "version": decision.version, "n_samples": meta.get("n_samples"), "features": list(features)}
 
 
+# Peak RSS of `edge-agent train --kind forecast` measured by bench/footprint.py: 685 MB, of which 555 MB is
+# `import tensorflow` alone (x86-64, TF 2.x): no batch size brings TensorFlow under 300 MB, so a device with
+# less free memory than this leaves LSTM training to the fleet instead of swapping or being OOM-killed.
+LSTM_TRAIN_MEMORY_BYTES = 800 * 1024 * 1024
+
+
+def memory_available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_training_memory(available_bytes: int, needed_bytes: int = LSTM_TRAIN_MEMORY_BYTES) -> None:
+    """Refuse before TensorFlow is imported: the import alone would take most of a 1 GB Pi."""
+    if available_bytes < needed_bytes:
+        raise TrainingError(
+            f"on-device LSTM training needs about {needed_bytes / 2**20:.0f} MiB free (TensorFlow alone takes "
+            f"~555 MiB) but {available_bytes / 2**20:.0f} MiB is available; train it on the fleet side "
+            "(edge-fleet train) and push the signed bundle to this device")
+
+
 def train_forecaster(cfg: AgentConfig, window: TrainingWindow = TrainingWindow(),
-                     now_s: float | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                     now_s: float | None = None, progress: Callable[[int, int], None] | None = None,
+                     available_bytes: Callable[[], int] = memory_available_bytes) -> dict[str, Any]:
     """Fit the LSTM forecaster on this device's history ([forecast] metrics, step means) and install it
     as the device's local ``lstm`` model; the running daemon picks it up within ``poll_interval_s``.
 
@@ -122,6 +144,7 @@ def train_forecaster(cfg: AgentConfig, window: TrainingWindow = TrainingWindow()
 
     if importlib.util.find_spec("tensorflow") is None:
         raise TrainingError("TensorFlow is not installed (install the 'train' extra)")
+    check_training_memory(available_bytes())
     from agent.forecasting import params_from_section, step_means, wanted_metrics
     from models.training.lstm import ConversionMismatch, LSTMParams, NotEnoughHistory, train_lstm_from_rows
 
