@@ -371,7 +371,7 @@ def run(args, python: str, repo: Path, env: dict, tmp: Path, port: int, procs: l
     if agent.poll() is not None:
         print(log_path.read_text()[-3000:])
         raise SystemExit("the agent exited during warm-up")
-    models = sorted({m.group(0) for m in re.finditer(r"(forest|lstm) v\d+", log_path.read_text(errors="replace"))})
+    models = sorted({m.group(0) for m in re.finditer(r"(?:forest|lstm)(?: model now)? v\d+", log_path.read_text(errors="replace"))})
     print(f"agent pid {agent.pid}: mqtt connected {connected}, web {web_up}, metrics {metrics_up}, "
           f"models seen in its log: {', '.join(models) or 'none'}", flush=True)
     tracks = [Track("agent", agent.pid), Track("bare psutil loop", bare.pid)]
@@ -383,6 +383,8 @@ def run(args, python: str, repo: Path, env: dict, tmp: Path, port: int, procs: l
     strace_pass(tracks, args.pass_seconds, tmp)
     hot = pyspy_pass(agent.pid, args.pass_seconds, tmp, 1.0)
     agent_alive = agent.poll() is None
+    hwm_mb = status_kb(agent.pid, "VmHWM") / 1024 if agent_alive else float("nan")
+    print(f"agent VmHWM (peak RSS since start, warm start included): {hwm_mb:.1f} MB")
     report(tracks, window_s, args.pass_seconds, training, log_times(log_path), hot, agent_alive)
     return 0 if agent_alive else 1
 
