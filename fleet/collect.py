@@ -503,6 +503,12 @@ class Collector:
         self._bad_rows = []
         self._drop_reading = None
 
+    def _retention(self) -> None:
+        try:
+            self.store.apply_retention(self.config.store.retention_s)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop collecting; retried next hour
+            log.warning("retention failed (retried in %.0f s): %s", RETENTION_EVERY_S, exc)
+
     def _recover(self) -> None:
         """A PostgreSQL connection that broke is reopened (SQLite just retries: a lock passes)."""
         if self._reopen is None or not self.store.is_postgres:
@@ -520,6 +526,7 @@ class Collector:
         stop = stop or threading.Event()
         end = None if duration_s is None else time.monotonic() + duration_s
         next_report = time.monotonic() + report_every_s
+        next_retention = time.monotonic()
         backoff_s = 0.5
         if self._client is None:
             self.start()
@@ -534,11 +541,15 @@ class Collector:
                 if time.monotonic() >= next_report:
                     next_report = time.monotonic() + report_every_s
                     log.info("collector: %s", json.dumps(self.stats.as_dict(), sort_keys=True))
+                if self.config.store.retention_s and time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + RETENTION_EVERY_S
+                    self._retention()
         finally:
             self.stop()
         return self.stats
 
 
+RETENTION_EVERY_S = 3600.0
 SAMPLE_BROKER_CONF = Path(__file__).with_name("mosquitto.example.conf")
 _MACHINE_KEYS = ("listener", "persistence_location", "log_dest", "user")
 

@@ -49,6 +49,9 @@ class StoreSection:
     url: str = _opt("", "sqlite:///PATH (relative) or sqlite:////ABS, or postgresql://...; empty: "
                         "sqlite <state_dir>/fleet.db.")
     busy_timeout_s: float = _opt(30.0, "SQLite: wait this long for a writer lock.", min=0.0)
+    retention_s: float = _opt(0.0, "Forget samples and message ids older than this (PostgreSQL drops whole daily "
+                                   "partitions; SQLite deletes rows), checked by the collector hourly; 0 keeps all.",
+                              min=0.0)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pytest
 
 from fleet.config import config_from_dict
 from fleet.registry import Registry
-from fleet.store import Incoming, StoreError, flatten_numeric, open_store, redact, unwrap_reported
+from fleet.store import COLLECTOR_MIGRATIONS, Incoming, StoreError, flatten_numeric, open_store, redact, unwrap_reported
 from models.bundle import Target
 from tests.pg import postgres_server, postgres_url  # noqa: F401 - fixtures
 
@@ -120,7 +120,7 @@ def test_migrations_run_once_and_reopening_keeps_data(tmp_path: Path) -> None:
         s.ingest([telemetry("m1", "d", [(1.0, {"a": 1.0})])])
         Registry(s)
     with open_store(url) as s:
-        assert s.one("SELECT version FROM fleet_schema WHERE component = 'collector'")[0] == 1
+        assert s.one("SELECT version FROM fleet_schema WHERE component = 'collector'")[0] == len(COLLECTOR_MIGRATIONS)
         assert s.samples("d") == [(1.0, {"a": 1.0})]
 
 
